@@ -1,0 +1,43 @@
+"""Guided generation with one seed per image, shared by training, sample.py and evaluation."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.guidance import NetFn, classifier_free_guidance
+from ddpm.samplers import SAMPLERS
+
+
+def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of image ``index`` of a run seeded ``seed``: independent of batch size and count
+    (as in EDM's generate.py), derived through NumPy's SeedSequence so nearby seeds do not collide."""
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device).manual_seed(state)
+
+
+@torch.no_grad()
+def generate(net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor, uncond: torch.Tensor, *,
+             sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float = 8.0, seed: int = 0,
+             batch_size: int = 256, first_index: int = 0, progress: Callable[[int], None] | None = None,
+             **sampler_options) -> torch.Tensor:
+    """Sample one image per row of ``cond`` ([N, L, D] text tokens) with classifier-free guidance.
+
+    Image i starts from noise drawn by ``image_generator(seed, first_index + i)`` and uses that
+    generator for all its sampling noise, so it is the same whatever the batch size.
+    Returns [N, 1, 28, 28] in the model's data range ([-1, 1]).
+    """
+    device = cond.device
+    sample_fn = SAMPLERS[sampler]
+    out = []
+    for start in range(0, len(cond), batch_size):
+        chunk = cond[start:start + batch_size]
+        gens = [image_generator(seed, first_index + start + i, device) for i in range(len(chunk))]
+        x_T = torch.stack([torch.randn(1, 28, 28, generator=g, device=device) for g in gens])
+        eps_fn = classifier_free_guidance(net, diffusion, chunk, uncond, guidance_scale)
+        out.append(sample_fn(eps_fn, x_T, diffusion, steps, generator=gens, **sampler_options))
+        if progress:
+            progress(len(chunk))
+    return torch.cat(out)

@@ -1,0 +1,1 @@
+"""Network modules of the text-to-digit diffusion model."""

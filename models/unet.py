@@ -1,0 +1,186 @@
+"""A small cross-attention UNet for 28x28 digits, written from scratch.
+
+Layout (defaults, the seed's widths): 28x28 @ 32 -> 14x14 @ 64 -> 7x7 @ 64, residual blocks
+with GroupNorm and SiLU at every level, and at the levels marked in ``attention`` a transformer
+block (self-attention, cross-attention to the text tokens, feed-forward) after each residual
+block, as in Stable Diffusion's UNet. The middle runs res -> transformer -> res at 7x7.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    widths: tuple[int, ...] = (32, 64, 64)
+    attention: tuple[bool, ...] = (False, True, True)
+    layers_per_block: int = 2
+    head_dim: int = 32
+    context_dim: int = 512
+    groups: int = 8
+    dropout: float = 0.0
+    in_channels: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.attention):
+            raise ValueError("widths and attention must have one entry per resolution level")
+        if any(w % self.groups or w % self.head_dim for w in self.widths):
+            raise ValueError(f"every width must be divisible by groups={self.groups} and head_dim={self.head_dim}")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in "Attention Is All You Need"."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the time embedding, twice, with a residual connection."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x over ``context`` (itself when None), via scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.to_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text tokens, and a GELU feed-forward, pre-norm,
+    wrapped in GroupNorm and 1x1 projections so it maps a feature map to a feature map."""
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim)
+        self.proj_in = nn.Linear(dim, dim)
+        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, dim, head_dim)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, context_dim, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.proj_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        height = x.shape[2]
+        h = self.proj_in(rearrange(self.norm(x), "b c y x -> b (y x) c"))
+        n1 = self.norm1(h)
+        h = h + self.self_attn(n1, n1)
+        h = h + self.cross_attn(self.norm2(h), context)
+        h = h + self.ff(self.norm3(h))
+        return x + rearrange(self.proj_out(h), "b (y x) c -> b c y x", y=height)
+
+
+class Stage(nn.Module):
+    """A residual block, followed by a transformer block at attention levels."""
+
+    def __init__(self, c_in: int, c_out: int, attention: bool, cfg: UNetConfig, emb_dim: int):
+        super().__init__()
+        self.res = ResBlock(c_in, c_out, emb_dim, cfg.groups, cfg.dropout)
+        self.attn = TransformerBlock(c_out, cfg.context_dim, cfg.head_dim, cfg.groups) if attention else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, emb)
+        return self.attn(x, context) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or v) of a noisy image ``x`` [B, C, 28, 28] at integer timesteps
+    ``t`` [B], conditioned on text tokens ``context`` [B, L, context_dim]."""
+
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        w0, emb_dim = cfg.widths[0], 4 * cfg.widths[0]
+        self.time_mlp = nn.Sequential(nn.Linear(w0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, w0, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skip_channels, c = [w0], w0
+        for level, (width, attn) in enumerate(zip(cfg.widths, cfg.attention)):
+            for _ in range(cfg.layers_per_block):
+                self.down.append(Stage(c, width, attn, cfg, emb_dim))
+                c = width
+                skip_channels.append(c)
+            if level < len(cfg.widths) - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skip_channels.append(c)
+
+        self.mid1 = ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout)
+        self.mid_attn = TransformerBlock(c, cfg.context_dim, cfg.head_dim, cfg.groups)
+        self.mid2 = ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout)
+
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level in reversed(range(len(cfg.widths))):
+            width, attn = cfg.widths[level], cfg.attention[level]
+            for _ in range(cfg.layers_per_block + 1):
+                self.up.append(Stage(c + skip_channels.pop(), width, attn, cfg, emb_dim))
+                c = width
+            if level > 0:
+                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
+
+        self.norm_out = nn.GroupNorm(cfg.groups, c)
+        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.widths[0]))
+        h = self.conv_in(x)
+        skips = [h]
+        blocks = iter(self.down)
+        for level in range(len(self.cfg.widths)):
+            for _ in range(self.cfg.layers_per_block):
+                h = next(blocks)(h, emb, context)
+                skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+                skips.append(h)
+
+        h = self.mid2(self.mid_attn(self.mid1(h, emb), context), emb)
+
+        blocks = iter(self.up)
+        for i, level in enumerate(reversed(range(len(self.cfg.widths)))):
+            for _ in range(self.cfg.layers_per_block + 1):
+                h = next(blocks)(torch.cat([h, skips.pop()], dim=1), emb, context)
+            if level > 0:
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))

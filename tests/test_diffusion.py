@@ -1,0 +1,126 @@
+"""The diffusion math against closed forms computed independently in float64 NumPy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm import GaussianDiffusion, classifier_free_guidance, cosine_beta_schedule, sampling_timesteps
+
+T = 1000
+
+
+def f(t, s=0.008):
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0)."""
+    return np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return GaussianDiffusion(cosine_beta_schedule(T))
+
+
+def test_cosine_schedule_matches_closed_form(diffusion):
+    betas = cosine_beta_schedule(T)
+    assert betas.dtype == torch.float64 and betas.shape == (T,)
+    t = np.arange(T)
+    expected_alpha_bar = f(t + 1) / f(0)
+    # Every beta below the cap is exact, so alpha_bar follows the closed form until the clipped last step.
+    np.testing.assert_allclose(diffusion.alphas_cumprod.numpy()[:-1], expected_alpha_bar[:-1], rtol=1e-12)
+    assert betas[-1].item() == 0.999  # f(T) = 0 would give beta = 1; the cap keeps it finite
+    assert (betas[:-1] < 0.999).all() and (torch.diff(betas) > 0).all()
+    assert betas[0].item() == pytest.approx(1 - f(1) / f(0), rel=1e-12)
+
+
+def test_schedule_cap_and_bad_input():
+    assert cosine_beta_schedule(10, max_beta=0.5).max().item() == 0.5
+    with pytest.raises(ValueError):
+        cosine_beta_schedule(0)
+    with pytest.raises(ValueError):
+        GaussianDiffusion(torch.tensor([0.1, 1.5]))
+
+
+def test_q_sample_is_eq4(diffusion):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 998, 999])
+    ab = f(t.numpy() + 1) / f(0)
+    ab[-1] = ab[-2] * (1 - 0.999)  # the clipped last step
+    expected = np.sqrt(ab)[:, None, None, None] * x0.numpy() + np.sqrt(1 - ab)[:, None, None, None] * noise.numpy()
+    np.testing.assert_allclose(diffusion.q_sample(x0, t, noise).numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_q_posterior_is_bayes_rule(diffusion):
+    """Posterior of x_{t-1} from the Gaussian product q(x_{t-1} | x_0) q(x_t | x_{t-1}), derived independently."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    x_t = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 50, 400, 900])
+    mean, var = diffusion.q_posterior(x0, x_t, t)
+    for i, ti in enumerate(t.tolist()):
+        ab_prev, ab = f(ti) / f(0), f(ti + 1) / f(0)
+        alpha, beta = ab / ab_prev, 1 - ab / ab_prev
+        precision = 1 / (1 - ab_prev) + alpha / beta
+        expected_mean = (math.sqrt(ab_prev) * x0[i].numpy() / (1 - ab_prev) + math.sqrt(alpha) * x_t[i].numpy() / beta) / precision
+        np.testing.assert_allclose(mean[i].numpy(), expected_mean, rtol=1e-9)
+        np.testing.assert_allclose(var[i].numpy(), 1 / precision, rtol=1e-9)
+
+
+def test_posterior_at_t0_is_x0(diffusion):
+    x0, x_t = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    mean, var = diffusion.q_posterior(x0, x_t, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(mean, x0)
+    assert var.abs().max() == 0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_predictions_invert(prediction):
+    diffusion = GaussianDiffusion(cosine_beta_schedule(T), prediction=prediction)
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 300, 990])
+    x_t = diffusion.q_sample(x0, t, noise)
+    torch.testing.assert_close(diffusion.predict_x0(x_t, t, noise), x0)
+    torch.testing.assert_close(diffusion.to_eps(x_t, t, diffusion.training_target(x0, t, noise)), noise)
+
+
+def test_v_target_closed_form():
+    diffusion = GaussianDiffusion(cosine_beta_schedule(T), prediction="v")
+    x0, noise, t = torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64), torch.full((1, 1, 1, 1), -2.0, dtype=torch.float64), torch.tensor([250])
+    ab = f(251) / f(0)
+    assert diffusion.training_target(x0, t, noise).item() == pytest.approx(math.sqrt(ab) * -2.0 - math.sqrt(1 - ab) * 0.5, rel=1e-12)
+
+
+def test_training_loss_is_mse():
+    diffusion = GaussianDiffusion(cosine_beta_schedule(T))
+    out, noise = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 3.0)
+    assert diffusion.training_loss(out, torch.zeros_like(out), torch.tensor([1, 2]), noise).item() == pytest.approx(9.0)
+
+
+def test_timestep_spacings():
+    assert sampling_timesteps(T, T) == list(range(T - 1, -1, -1))
+    assert sampling_timesteps(T, 10, "trailing") == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert sampling_timesteps(T, 10, "leading") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert sampling_timesteps(T, 4, "linspace") == [999, 666, 333, 0]
+    with pytest.raises(ValueError):
+        sampling_timesteps(T, T + 1)
+    with pytest.raises(ValueError):
+        sampling_timesteps(T, 10, "sideways")
+
+
+def test_classifier_free_guidance_combines_in_one_call():
+    calls = []
+
+    def net(x, t, context):
+        calls.append(len(x))
+        return context[:, :1, :1].reshape(-1, 1, 1, 1).expand_as(x).clone()
+
+    diffusion = GaussianDiffusion(cosine_beta_schedule(T))
+    cond, uncond = torch.full((3, 1, 1), 2.0), torch.full((1, 1, 1), 0.5)
+    eps_fn = classifier_free_guidance(net, diffusion, cond, uncond, scale=8.0)
+    eps = eps_fn(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long))
+    assert calls == [6]
+    torch.testing.assert_close(eps, torch.full((3, 1, 2, 2), 0.5 + 8.0 * (2.0 - 0.5)))
+    unguided = classifier_free_guidance(net, diffusion, cond, uncond, scale=1.0)
+    torch.testing.assert_close(unguided(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)), torch.full((3, 1, 2, 2), 2.0))

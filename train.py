@@ -1,0 +1,257 @@
+"""Train the text-conditioned MNIST diffusion model.
+
+    python train.py                                  # one process, configs/mnist.yaml
+    python train.py --config configs/cpu.yaml        # a laptop CPU
+    torchrun --nproc_per_node=2 train.py             # DDP, one process per GPU (or CPU gloo)
+
+Rank 0 logs, writes checkpoints and sample grids; every rank trains on a disjoint shard of
+each epoch. The whole data set lives on the training device and text embeddings come from a
+table computed once, so a step does no host work beyond launching kernels.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from config import TrainConfig, parse_train_args
+from data import EMPTY_PROMPT, canonical_prompt, load_mnist, training_prompts
+from data.images import save_grid, to_uint8
+from ddpm import GaussianDiffusion, generate
+from errors import UserError, run_cli
+from models.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from models.ema import EMA
+from models.loading import diffusion_from_config, unet_from_config
+from models.text_encoder import build_text_encoder
+
+
+# ----------------------------------------------------------------------------- setup
+def setup_distributed(device_flag: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; a plain run is rank 0 of 1."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_flag == "auto":
+        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_flag.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device_flag} asked for CUDA but none is available; use --device cpu")
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.device(device_flag).index or 0)
+        torch.cuda.set_device(device)
+    elif device_flag == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device_flag!r}")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def prompt_table(cfg: TrainConfig, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """Text tokens of every training prompt, computed once on rank 0 and broadcast.
+
+    Returns (table [1 + P, 8, 512] with the empty prompt in row 0, rows [10, K] mapping
+    (digit, template) to a table row, the encoder's record on rank 0).
+    """
+    pairs = training_prompts()
+    per_digit = len(pairs) // 10
+    rows = torch.arange(1, 1 + len(pairs), device=device).reshape(10, per_digit)
+    table = torch.empty(1 + len(pairs), 8, 512, device=device)
+    record = None
+    if rank == 0:
+        encoder = build_text_encoder(cfg.text_encoder, seed=cfg.text_encoder_seed, device=device)
+        table, _ = encoder.encode([EMPTY_PROMPT] + [p for p, _ in pairs])
+        record = encoder.record
+        del encoder
+    if dist.is_initialized():
+        dist.broadcast(table, src=0)
+    return table, rows, record
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up, then cosine decay to 10% of the peak (or constant)."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_samples(cfg: TrainConfig, ema: EMA, diffusion: GaussianDiffusion, table: torch.Tensor,
+                  rows: torch.Tensor, path: Path, use_bf16: bool) -> None:
+    """A grid with one row per digit 0-9, prompted by the digit itself, sampled from the EMA weights."""
+    n = cfg.samples_per_digit
+    digit_rows = rows[:, 0].repeat_interleave(n)  # template 0 is "{d}", the canonical prompt
+    with torch.autocast(table.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        images = generate(ema.shadow, diffusion, table[digit_rows], table[:1], sampler=cfg.sampler,
+                          steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+    grid = to_uint8(images).reshape(10, n, 28, 28)
+    save_grid(list(grid), [f'"{canonical_prompt(d)}"' for d in range(10)], path)
+
+
+def log_metrics(output_dir: Path, record: dict) -> None:
+    with open(output_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- training
+def main() -> None:
+    cfg, resume = parse_train_args(sys.argv[1:])
+    rank, world_size, device = setup_distributed(cfg.device)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                           and torch.cuda.is_bf16_supported())
+    output_dir = Path(cfg.output_dir)
+    if master:
+        try:
+            (output_dir / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create --output_dir {output_dir}: {err.strerror}; pick a writable folder")
+
+    # Data: the whole set on the device as uint8; batches are gathered there.
+    if not master and world_size > 1:
+        dist.barrier()  # rank 0 fetches and caches MNIST first
+    mnist = load_mnist(cfg.data_dir)
+    if master and world_size > 1:
+        dist.barrier()
+    images = torch.from_numpy(mnist.train_images).to(device)
+    labels = torch.from_numpy(mnist.train_labels).to(device).long()
+    if cfg.train_subset:
+        images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
+    steps_per_epoch = len(images) // (cfg.batch_size * world_size)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(images)} images cannot fill one step of batch {cfg.batch_size} x world size "
+                        f"{world_size}; lower --batch_size")
+    table, prompt_rows, encoder_record = prompt_table(cfg, rank, device)
+
+    diffusion = diffusion_from_config(asdict(cfg))
+    net = unet_from_config(asdict(cfg)).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    ema = EMA(net, cfg.ema_decay) if master else None
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=fused)
+    total_steps = cfg.num_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
+
+    start_epoch, step = 1, 0
+    if resume:
+        path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise UserError(f"--resume found no checkpoint in {output_dir / 'checkpoints'}; "
+                            "drop --resume to start fresh")
+        state = load_checkpoint(path, map_location=device)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["rng"][rank])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        if master:
+            print(f"resumed from {path} at epoch {state['epoch']}, step {step}")
+
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
+                bucket_cap_mb=100, gradient_as_bucket_view=True) if world_size > 1 else net
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+    if master:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"device {device}, world size {world_size}, {n_params / 1e6:.2f}M parameters, "
+              f"{steps_per_epoch} steps/epoch of {cfg.batch_size}x{world_size} images, bf16 {use_bf16}, "
+              f"compile {compiled}, text encoder {encoder_record['weights']} ({encoder_record['source']})")
+
+    def train_step(batch: torch.Tensor) -> torch.Tensor:
+        x0 = (images[batch].float() / 127.5 - 1).unsqueeze(1).contiguous(memory_format=memory_format)
+        b = len(batch)
+        template = torch.randint(prompt_rows.shape[1], (b,), device=device, generator=generator)
+        drop = torch.rand(b, device=device, generator=generator) < cfg.cond_drop_prob
+        context = table[torch.where(drop, 0, prompt_rows[labels[batch], template])]
+        t = torch.randint(cfg.num_train_timesteps, (b,), device=device, generator=generator)
+        noise = torch.randn(x0.shape, device=device, generator=generator)
+        x_t = diffusion.q_sample(x0, t, noise)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            output = forward(x_t, t, context)
+        loss = diffusion.training_loss(output, x0, t, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()
+
+    for epoch in range(start_epoch, cfg.num_epochs + 1):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch))
+        shard = order[rank::world_size][: steps_per_epoch * cfg.batch_size].to(device).view(steps_per_epoch, -1)
+        net.train()
+        loss_sum, window_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        t_epoch = t_window = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.num_epochs}", disable=not master,
+                   dynamic_ncols=True, mininterval=1.0)
+        for i in range(steps_per_epoch):
+            loss = train_step(shard[i])
+            step += 1
+            loss_sum += loss
+            window_sum += loss
+            if ema is not None:
+                ema.update(net)
+            if master and (step % cfg.log_every == 0 or i == steps_per_epoch - 1):
+                window = step % cfg.log_every or cfg.log_every
+                mean_loss = window_sum.item() / window  # the only host sync, once per log_every steps
+                if not math.isfinite(mean_loss):
+                    raise UserError(f"loss became {mean_loss} at step {step}; lower --learning_rate or "
+                                    "resume from the last good checkpoint")
+                rate = window * cfg.batch_size * world_size / (time.perf_counter() - t_window)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+                log_metrics(output_dir, {"step": step, "epoch": epoch, "loss": mean_loss,
+                                         "lr": scheduler.get_last_lr()[0], "img_per_s": rate})
+                window_sum.zero_()
+                t_window = time.perf_counter()
+            bar.update(1)
+        bar.close()
+        rng_states = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rng_states, generator.get_state())
+        else:
+            rng_states = [generator.get_state()]
+        if not master:
+            continue
+        epoch_time = time.perf_counter() - t_epoch
+        epoch_loss = loss_sum.item() / steps_per_epoch
+        log_metrics(output_dir, {"epoch": epoch, "epoch_loss": epoch_loss, "epoch_seconds": epoch_time})
+        print(f"epoch {epoch}: loss {epoch_loss:.4f}, {epoch_time:.1f} s, "
+              f"{steps_per_epoch * cfg.batch_size * world_size / epoch_time:.0f} img/s")
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.num_epochs:
+            save_checkpoint({
+                "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "rng": rng_states,
+                "config": asdict(cfg), "text_encoder": encoder_record,
+            }, checkpoint_path(output_dir, epoch))
+        if epoch % cfg.sample_every == 0 or epoch == cfg.num_epochs:
+            path = output_dir / "samples" / f"samples_epoch_{epoch:04d}.png"
+            write_samples(cfg, ema, diffusion, table, prompt_rows, path, use_bf16)
+            print(f"wrote {path}")
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)
