@@ -76,6 +76,18 @@ def prompt_table(cfg: TrainConfig, rank: int, device: torch.device) -> tuple[tor
     return table, rows, record
 
 
+def epoch_batches(num_images: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int) -> torch.Tensor:
+    """This rank's image indices for one epoch, [steps, batch_size].
+
+    One permutation per (seed, epoch), the same on every rank, dealt out round-robin: the
+    ranks' shards are disjoint, and the last images that cannot fill a step on every rank
+    are dropped (a different set each epoch).
+    """
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+    steps = num_images // (batch_size * world_size)
+    return order[rank::world_size][: steps * batch_size].view(steps, batch_size)
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     """Linear warm-up, then cosine decay to 10% of the peak (or constant)."""
     def factor(step: int) -> float:
@@ -86,6 +98,15 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return factor
+
+
+def ranks_in_sync(net: torch.nn.Module) -> bool:
+    """Whether every rank holds bitwise the same weights, as DDP promises: one small all_gather
+    of per-tensor float64 sums, once an epoch."""
+    fingerprint = torch.stack([p.detach().double().sum() for p in net.parameters()])
+    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -197,8 +218,7 @@ def main() -> None:
         return loss.detach()
 
     for epoch in range(start_epoch, cfg.num_epochs + 1):
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch))
-        shard = order[rank::world_size][: steps_per_epoch * cfg.batch_size].to(device).view(steps_per_epoch, -1)
+        shard = epoch_batches(len(images), cfg.seed, epoch, rank, world_size, cfg.batch_size).to(device)
         net.train()
         loss_sum, window_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         t_epoch = t_window = time.perf_counter()
@@ -230,11 +250,13 @@ def main() -> None:
             dist.all_gather_object(rng_states, generator.get_state())
         else:
             rng_states = [generator.get_state()]
+        in_sync = ranks_in_sync(net) if world_size > 1 else True
         if not master:
             continue
         epoch_time = time.perf_counter() - t_epoch
         epoch_loss = loss_sum.item() / steps_per_epoch
-        log_metrics(output_dir, {"epoch": epoch, "epoch_loss": epoch_loss, "epoch_seconds": epoch_time})
+        log_metrics(output_dir, {"epoch": epoch, "epoch_loss": epoch_loss, "epoch_seconds": epoch_time,
+                                 "world_size": world_size, "ranks_in_sync": in_sync})
         print(f"epoch {epoch}: loss {epoch_loss:.4f}, {epoch_time:.1f} s, "
               f"{steps_per_epoch * cfg.batch_size * world_size / epoch_time:.0f} img/s")
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.num_epochs:

@@ -1,0 +1,68 @@
+"""UNet and EMA behaviour."""
+import pytest
+import torch
+
+from models.ema import EMA
+from models.unet import UNet, UNetConfig, timestep_embedding
+
+
+def test_timestep_embedding_closed_form():
+    emb = timestep_embedding(torch.tensor([0, 5]), 4, max_period=100.0)
+    freqs = torch.tensor([1.0, 100.0 ** -0.5])
+    expected = torch.cat([torch.cos(5 * freqs), torch.sin(5 * freqs)])
+    torch.testing.assert_close(emb[1], expected)
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(widths=(16, 32, 32), attention=(False, True, True), layers_per_block=1, head_dim=16))
+    for module in net.modules():  # undo the zero inits so every path carries signal
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    return net
+
+
+def test_shapes_and_levels(net):
+    x, t, ctx = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999]), torch.randn(3, 8, 512)
+    assert net(x, t, ctx).shape == (3, 1, 28, 28)
+    with pytest.raises(ValueError):
+        UNetConfig(widths=(16, 32), attention=(True,))
+
+
+def test_output_depends_on_text_time_and_image_and_all_weights_get_gradients(net):
+    x, t, ctx = torch.randn(2, 1, 28, 28), torch.tensor([100, 100]), torch.randn(2, 8, 512)
+    out = net(x, t, ctx)
+    assert (net(x, t, torch.randn(2, 8, 512)) - out).abs().max() > 1e-4
+    assert (net(x, torch.tensor([900, 900]), ctx) - out).abs().max() > 1e-4
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in net.parameters())
+
+
+def test_samples_are_independent_in_a_batch(net):
+    x, t, ctx = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]), torch.randn(4, 8, 512)
+    torch.testing.assert_close(net(x, t, ctx)[2:3], net(x[2:3], t[2:3], ctx[2:3]), atol=1e-5, rtol=1e-4)
+
+
+def test_fresh_unet_predicts_zero():
+    """Zero-initialised output layers: an untrained model predicts eps = 0 (the mean of the target)."""
+    net = UNet(UNetConfig(widths=(16, 32), attention=(False, True), layers_per_block=1, head_dim=16))
+    assert net(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.randn(2, 8, 512)).abs().max() == 0
+
+
+def test_ema_closed_form():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 0.0)
+    ema = EMA(model, decay=0.5)
+    expected = 0.0
+    for n in range(1, 6):
+        torch.nn.init.constant_(model.weight, float(n))
+        ema.update(model)
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * n
+        assert ema.shadow.weight.item() == pytest.approx(expected)
+    state = ema.state_dict()
+    fresh = EMA(torch.nn.Linear(1, 1, bias=False), decay=0.5)
+    fresh.load_state_dict(state)
+    assert fresh.shadow.weight.item() == pytest.approx(expected) and fresh.updates == 5
