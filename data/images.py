@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from models.checkpoint import atomic_write
+from fileio import atomic_write
 
 LABEL_CHARS = 24
 

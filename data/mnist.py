@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError
+from fileio import atomic_write
 
 IDX_FILES: Mapping[str, str] = {
     "train_images": "train-images-idx3-ubyte",
@@ -128,23 +129,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` as an uncompressed idx file, atomically."""
-    _write_atomic(Path(path), idx_bytes(array))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, then rename, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the cache from other users
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda f: f.write(idx_bytes(array)))
 
 
 def _read_bytes(path: Path) -> bytes:

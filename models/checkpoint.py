@@ -1,15 +1,14 @@
 """Checkpoint files: written atomically, found by name, loaded as plain data only."""
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from errors import UserError
+from fileio import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 
@@ -20,30 +19,6 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 def checkpoint_path(output_dir: str | Path, epoch: int) -> Path:
     return checkpoint_dir(output_dir) / f"checkpoint_epoch_{epoch:04d}.pt"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it into place.
-
-    A crash at any moment leaves either the old file or the complete new one, never a torn one;
-    the temporary name never matches the patterns readers look for.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
