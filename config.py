@@ -47,6 +47,7 @@ class TrainConfig:
     # optimisation
     num_epochs: int = 5
     batch_size: int = 128  # per process
+    global_batch_size: int = 0  # if > 0: images per step over all ranks, and batch_size = this / world size
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -54,14 +55,20 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
+    max_bad_steps: int = 0  # skip up to N steps with a non-finite loss instead of stopping (a host sync per step)
     # logging, checkpoints and samples
     log_every: int = 50
     checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps, mid-epoch too (0 = at epoch ends only)
+    keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
+    stop_check_every: int = 10  # DDP: steps between the ranks' agreement on a stop signal (a tiny all_reduce)
     sample_every: int = 1  # epochs
     samples_per_digit: int = 8
     sampler: str = "dpmpp_2m"
     sample_steps: int = 20
     guidance_scale: float = 8.0
+    eval_every: int = 0  # epochs between judge evaluations (0 = never); see evaluation/
+    eval_samples: int = 30  # images per digit in each such evaluation
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto = bf16 autocast on GPUs that support it
@@ -71,13 +78,13 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UserError naming the first out-of-range value."""
         positive = ("num_epochs", "batch_size", "num_train_timesteps", "log_every", "checkpoint_every",
-                    "sample_every", "samples_per_digit", "sample_steps", "layers_per_block", "head_dim")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = ("train_subset", "weight_decay", "warmup_steps", "grad_clip", "dropout", "guidance_scale")
+                    "sample_every", "samples_per_digit", "sample_steps", "layers_per_block", "head_dim",
+                    "eval_samples", "stop_check_every")
+        require_positive(self, positive)
+        non_negative = ("train_subset", "weight_decay", "warmup_steps", "grad_clip", "dropout", "guidance_scale",
+                        "eval_every", "global_batch_size", "checkpoint_every_steps", "keep_last", "max_bad_steps")
         for name in non_negative:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # also refuses NaN
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
@@ -93,6 +100,23 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if choices and getattr(self, name) not in choices:
                 raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    def per_process_batch_size(self, world_size: int) -> int:
+        """``batch_size``, or ``global_batch_size`` split evenly over ``world_size`` processes."""
+        if not self.global_batch_size:
+            return self.batch_size
+        if self.global_batch_size % world_size:
+            raise UserError(f"--global_batch_size {self.global_batch_size} does not split evenly over world size "
+                            f"{world_size}; use a multiple of {world_size}, or set the per-process --batch_size "
+                            "and --global_batch_size 0")
+        return self.global_batch_size // world_size
+
+
+def require_positive(values: object, names: Sequence[str]) -> None:
+    """Raise UserError for the first flag in ``names`` whose value (an attribute of ``values``) is below 1."""
+    for name in names:
+        if getattr(values, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(values, name)}")
 
 
 def _suggest(name: str, known: Sequence[str]) -> str:
@@ -153,12 +177,13 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
 def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, str | None]:
     """(config, resume) from the command line: YAML file first, then flags on top.
 
-    ``resume`` is None (start fresh), "latest" (``--resume`` alone) or a checkpoint path.
+    ``resume`` is None (start fresh), "latest" (``--resume`` alone), "auto" or a checkpoint path.
     """
     parser = CliParser(prog="train.py", description="Train the text-conditioned MNIST diffusion model.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML file of defaults")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the newest checkpoint in --output_dir, or from PATH")
+                        help="continue from the newest checkpoint in --output_dir, or from PATH; "
+                             "--resume auto continues if there is one and starts fresh otherwise")
     for f in dataclasses.fields(TrainConfig):
         _add_field_flag(parser, f)
     args = vars(parser.parse_args(argv))

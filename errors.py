@@ -1,8 +1,22 @@
-"""User-facing errors: one clear line on stderr, exit status 2, no traceback."""
+"""User-facing errors and the exit statuses of the command-line tools.
+
+Exit statuses (SLURM scripts and wrappers rely on them):
+
+- 0: done.
+- EXIT_USER_ERROR (2): bad input (nothing was written) or a diverged run (non-finite loss; the
+  last good checkpoint is kept); one line on stderr names the problem and the fix. Rerunning the
+  same command fails the same way: never requeue on it.
+- EXIT_RESUMABLE (75, ``EX_TEMPFAIL`` in sysexits.h): train.py was asked to stop by SIGTERM,
+  SIGINT or SIGUSR1 and wrote a checkpoint first; ``train.py --resume`` continues exactly there.
+- anything else: a crash (a traceback says where); the newest checkpoint is still intact.
+"""
 from __future__ import annotations
 
 import sys
 from typing import Callable
+
+EXIT_USER_ERROR = 2
+EXIT_RESUMABLE = 75
 
 
 class UserError(Exception):
@@ -18,4 +32,4 @@ def run_cli(main: Callable[[], None]) -> None:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)

@@ -6,6 +6,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from errors import UserError
+
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it into place.
@@ -31,3 +33,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Raise UserError unless ``folder`` is, or could be created as, a writable folder; creates nothing.
+
+    Run before any heavy work, so that a bad output path costs seconds, not a training run.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder} cannot be created: {existing} is a file; pick another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable ({existing} is read-only to you); pick a writable folder")

@@ -2,10 +2,13 @@
 
     python sample.py --prompt "7"
     python sample.py --prompt "3" --prompt "a handwritten eight" --num_samples 16 --steps 20
+    python sample.py --prompt "3" --sampler ddim --eta 0.5 --steps 50 --save_individual --trajectory
 
 Loads the newest checkpoint in --output_dir (or --checkpoint PATH) with the text encoder it was
 trained with, samples with classifier-free guidance, writes one PNG row per prompt and prints
-the file's path. The same seed gives the same images.
+the file's path (then those of the --save_individual folder and the --trajectory GIF). Image i
+of a run depends only on --seed and i: the same seed gives the same pixels whatever
+--batch_size, and adding prompts or samples does not change the images before them.
 """
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ import torch
 
 from config import CliParser
 from data import EMPTY_PROMPT
-from data.images import save_grid, to_uint8
-from ddpm import SAMPLERS, generate
+from data.images import save_grid, save_images, to_uint8
+from data.trajectory import TrajectoryRecorder
+from ddpm import SAMPLERS, SPACINGS, THRESHOLDS, generate, prompt_contexts
 from errors import UserError, run_cli
+from fileio import check_writable
 from models.checkpoint import latest_checkpoint
 from models.loading import load_trained_model
+from models.text_encoder import CONTEXT_LENGTH, truncated_prompt
 
 
 def parse_args(argv: list[str]):
@@ -32,12 +38,24 @@ def parse_args(argv: list[str]):
     p.add_argument("--output_dir", type=Path, default=Path("outputs/mnist"), help="training output folder")
     p.add_argument("--num_samples", type=int, default=8, help="images per prompt")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (network calls per image)")
+    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as ancestral DDPM; ddim only")
+    p.add_argument("--spacing", choices=SPACINGS, default="trailing", help="which timesteps the steps visit")
+    p.add_argument("--threshold", choices=THRESHOLDS, default="none",
+                   help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding")
     p.add_argument("--guidance_scale", type=float, default=8.0, help="classifier-free guidance scale s")
+    p.add_argument("--negative_prompt", default=EMPTY_PROMPT,
+                   help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half")
+    p.add_argument("--allow_truncation", action="store_true",
+                   help="accept prompts longer than the text encoder's 8 tokens, cut to their first words")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (does not change the images)")
     p.add_argument("--out", type=Path, help="PNG path (default: <output_dir>/samples/sample_<prompt>_seed<seed>.png)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--save_individual", action="store_true",
+                   help="also write each image as its own PNG, in a folder named like --out without .png")
+    p.add_argument("--trajectory", action="store_true",
+                   help="also write a GIF of the denoising (x_t and the x0 prediction per step) beside --out")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--text_encoder", help="override the checkpoint's text-encoder weights (must match it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
@@ -46,31 +64,79 @@ def parse_args(argv: list[str]):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError(f"--eta only applies to --sampler ddim, not {args.sampler}; drop --eta or use --sampler ddim")
+    if args.eta is not None and args.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if args.out is not None and args.out.suffix.lower() != ".png":
+        raise UserError(f"--out must end in .png, got {args.out}")
     for prompt in args.prompt:
         if not prompt.strip():
             raise UserError("--prompt is empty; give the digit to draw, e.g. --prompt \"7\"")
+    check_prompt_lengths([*args.prompt, args.negative_prompt], args.allow_truncation)
     return args
+
+
+def check_prompt_lengths(prompts: list[str], allow_truncation: bool) -> None:
+    """Refuse a prompt longer than the encoder's 8 tokens, which would silently lose its last words
+    ("a picture of the handwritten digit seven" loses "seven"), unless truncation is allowed."""
+    for prompt in prompts:
+        kept = truncated_prompt(prompt)
+        if kept is None:
+            continue
+        if not allow_truncation:
+            raise UserError(f"prompt {prompt!r} is longer than the text encoder's {CONTEXT_LENGTH} tokens and would be "
+                            f"truncated to {kept!r}; shorten it, or pass --allow_truncation to accept that")
+        print(f"warning: prompt {prompt!r} was truncated to {CONTEXT_LENGTH} tokens: {kept!r}", file=sys.stderr)
 
 
 def pick_device(flag: str) -> torch.device:
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag != "cpu" and not re.fullmatch(r"cuda(:\d+)?", flag):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
     if flag.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {flag} asked for CUDA but none is available; use --device cpu")
     return torch.device(flag)
 
 
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+
+
 def default_out(args) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", "_".join(args.prompt).lower()).strip("-")[:40] or "prompt"
-    return args.output_dir / "samples" / f"sample_{slug}_seed{args.seed}.png"
+    return args.output_dir / "samples" / f"sample_{slug('_'.join(args.prompt))}_seed{args.seed}.png"
+
+
+def output_paths(args) -> tuple[Path, Path | None, Path | None]:
+    """The grid PNG, the --save_individual folder and the --trajectory GIF (None when not asked for).
+    Checked before any work, so a refused run writes nothing."""
+    out = args.out or default_out(args)
+    check_writable(out.parent, "--out" if args.out else "--output_dir")
+    folder = out.with_suffix("") if args.save_individual else None
+    gif = out.with_suffix(".gif") if args.trajectory else None
+    for path in (out, folder, gif):
+        if path is not None and path.exists() and not args.overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it or --out to write elsewhere")
+    return out, folder, gif
+
+
+def sampler_options(args) -> dict:
+    options = {"spacing": args.spacing, "threshold": args.threshold}
+    if args.eta is not None:
+        options["eta"] = args.eta
+    return options
+
+
+def warn_about_negative_prompt(args) -> None:
+    if args.negative_prompt != EMPTY_PROMPT and args.guidance_scale == 1.0:
+        print("warning: --negative_prompt has no effect at --guidance_scale 1 (no unconditional half)", file=sys.stderr)
 
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
     device = pick_device(args.device)
-    out = args.out or default_out(args)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it or --out to write elsewhere")
+    out, folder, gif = output_paths(args)
     path = args.checkpoint or latest_checkpoint(args.output_dir)
     if path is None:
         raise UserError(f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
@@ -78,21 +144,28 @@ def main() -> None:
     model = load_trained_model(path, device, args.text_encoder)
     if args.steps > model.diffusion.num_steps:
         raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
-    for prompt in args.prompt:
-        if model.encoder.is_truncated(prompt):
-            print(f"warning: prompt {prompt!r} is longer than 8 CLIP tokens and was truncated", file=sys.stderr)
+    warn_about_negative_prompt(args)
 
-    tokens, _ = model.encoder.encode(args.prompt + [EMPTY_PROMPT])
-    cond = tokens[:-1].repeat_interleave(args.num_samples, dim=0)
+    cond, uncond = prompt_contexts(model.encoder.encode, args.prompt, args.num_samples, args.negative_prompt)
+    recorder = TrajectoryRecorder(args.steps) if gif else None
     start = time.perf_counter()
-    images = generate(model.net, model.diffusion, cond, tokens[-1:], sampler=args.sampler, steps=args.steps,
-                      guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size)
+    images = generate(model.net, model.diffusion, cond, uncond, sampler=args.sampler, steps=args.steps,
+                      guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+                      callback=recorder, **sampler_options(args))
     elapsed = time.perf_counter() - start
-    rows = to_uint8(images).reshape(len(args.prompt), args.num_samples, 28, 28)
-    save_grid(list(rows), [f'"{p}"' for p in args.prompt], out)
-    print(f"{len(images)} images from {path} (epoch {model.epoch}) with {args.sampler}, {args.steps} steps, "
-          f"guidance {args.guidance_scale}, in {elapsed:.1f} s", file=sys.stderr)
-    print(out)
+    digits = to_uint8(images)
+    save_grid(list(digits.reshape(len(args.prompt), args.num_samples, 28, 28)), [f'"{p}"' for p in args.prompt], out)
+    if folder:
+        names = [f"{i:04d}_{slug(args.prompt[i // args.num_samples])}.png" for i in range(len(digits))]
+        save_images(digits, names, folder)
+    if recorder:
+        recorder.save_gif(digits, args.prompt, gif)
+    print(f"{len(images)} images from {path} (epoch {model.epoch}) with {args.sampler}, {args.steps} steps "
+          f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, in {elapsed:.1f} s",
+          file=sys.stderr)
+    for written in (out, folder, gif):
+        if written:
+            print(written)
 
 
 if __name__ == "__main__":

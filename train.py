@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,15 @@ from config import TrainConfig, parse_train_args
 from data import EMPTY_PROMPT, canonical_prompt, load_mnist, training_prompts
 from data.images import save_grid, to_uint8
 from ddpm import GaussianDiffusion, generate
-from errors import UserError, run_cli
-from models.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from errors import EXIT_RESUMABLE, UserError, run_cli
+from evaluation.suite import evaluate_during_training
+from fileio import check_writable
+from models.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint, step_checkpoint_path
 from models.ema import EMA
 from models.loading import diffusion_from_config, unet_from_config
-from models.text_encoder import build_text_encoder
+from models.text_encoder import build_text_encoder, check_compatible
+from resume import find_resume_checkpoint, gather_rng, load_resumable, restore_rng, resume_position, rewind_metrics
+from stopping import NonFiniteGuard, StopSignals
 
 
 # ----------------------------------------------------------------------------- setup
@@ -127,20 +132,41 @@ def log_metrics(output_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def checkpoint_due(cfg: TrainConfig, epoch: int, step: int, epoch_end: bool) -> bool:
+    """Every ``checkpoint_every_steps`` steps, and at the end of every ``checkpoint_every``-th and the last epoch."""
+    if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+        return True
+    return epoch_end and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.num_epochs)
+
+
+def exit_resumable(stop: StopSignals, checkpoint: Path, output_dir: Path, step: int, master: bool) -> NoReturn:
+    """After the checkpoint a stop signal asked for, every rank exits together with EXIT_RESUMABLE."""
+    if master:
+        log_metrics(output_dir, {"step": step, "event": "stopped", "signal": stop.signal_name,
+                                 "checkpoint": str(checkpoint)})
+        print(f"stopped by {stop.signal_name} after step {step}; {checkpoint} holds the state: "
+              "continue with --resume", file=sys.stderr)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has written the checkpoint before any rank exits (torchrun then kills the rest)
+        dist.destroy_process_group()
+    sys.exit(EXIT_RESUMABLE)
+
+
 # ----------------------------------------------------------------------------- training
 def main() -> None:
     cfg, resume = parse_train_args(sys.argv[1:])
+    cfg.batch_size = cfg.per_process_batch_size(int(os.environ.get("WORLD_SIZE", 1)))
     rank, world_size, device = setup_distributed(cfg.device)
+    stop = StopSignals(cfg.stop_check_every, world_size, device).install()
     master = rank == 0
     torch.manual_seed(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                            and torch.cuda.is_bf16_supported())
     output_dir = Path(cfg.output_dir)
     if master:
-        try:
-            (output_dir / "samples").mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create --output_dir {output_dir}: {err.strerror}; pick a writable folder")
+        check_writable(output_dir, "--output_dir")  # created below, once every input has been checked
+    resume_path = find_resume_checkpoint(resume, output_dir)  # checked before the heavy work below
+    state = load_resumable(resume_path, asdict(cfg), world_size) if resume_path else None
 
     # Data: the whole set on the device as uint8; batches are gathered there.
     if not master and world_size > 1:
@@ -157,6 +183,8 @@ def main() -> None:
         raise UserError(f"{len(images)} images cannot fill one step of batch {cfg.batch_size} x world size "
                         f"{world_size}; lower --batch_size")
     table, prompt_rows, encoder_record = prompt_table(cfg, rank, device)
+    if state is not None and master:
+        check_compatible(state["text_encoder"], encoder_record)
 
     diffusion = diffusion_from_config(asdict(cfg))
     net = unet_from_config(asdict(cfg)).to(device)
@@ -170,22 +198,23 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
 
-    start_epoch, step = 1, 0
-    if resume:
-        path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-        if path is None:
-            raise UserError(f"--resume found no checkpoint in {output_dir / 'checkpoints'}; "
-                            "drop --resume to start fresh")
-        state = load_checkpoint(path, map_location=device)
+    if master:
+        (output_dir / "samples").mkdir(parents=True, exist_ok=True)
+    start_epoch, first_batch, step = 1, 0, 0
+    if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["rng"][rank])
+        restore_rng(state["rng"], rank, world_size, generator)
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
+        (start_epoch, first_batch), step = resume_position(state), state["step"]
         if master:
-            print(f"resumed from {path} at epoch {state['epoch']}, step {step}")
+            rewind_metrics(output_dir, step)
+            print(f"resumed from {resume_path} at step {step}: epoch {start_epoch}, batch {first_batch}"
+                  + (" (training had finished)" if start_epoch > cfg.num_epochs else ""))
+    guard = NonFiniteGuard(cfg.max_bad_steps, step, state["bad_steps"] if state else 0, device)
+    guard.last_good = resume_path
 
     model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=100, gradient_as_bucket_view=True) if world_size > 1 else net
@@ -211,64 +240,94 @@ def main() -> None:
         loss = diffusion.training_loss(output, x0, t, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or math.inf)
+        if guard.admit(grad_norm):
+            optimizer.step()
         scheduler.step()
         return loss.detach()
+
+    def save(epoch: int, batches_done: int) -> Path:
+        """Checkpoint the state after ``batches_done`` batches of ``epoch``: named by the epoch at its end, by
+        the step mid-epoch. Every rank calls it (the random states are gathered); rank 0 writes, then prunes."""
+        guard.check()  # never save weights that a non-finite step has touched
+        rng = gather_rng(generator, world_size)
+        epoch_end = batches_done == steps_per_epoch
+        path = checkpoint_path(output_dir, epoch) if epoch_end else step_checkpoint_path(output_dir, step)
+        if master:
+            save_checkpoint({
+                "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "epoch_step": batches_done,
+                "steps_per_epoch": steps_per_epoch, "step": step, "world_size": world_size, "rng": rng,
+                "loss_sums": torch.stack([loss_sum, window_sum]).cpu(), "window_steps": window_steps,
+                "bad_steps": guard.skipped, "config": asdict(cfg), "text_encoder": encoder_record,
+            }, path)
+            prune_checkpoints(output_dir, cfg.keep_last)
+        guard.last_good = path
+        return path
 
     for epoch in range(start_epoch, cfg.num_epochs + 1):
         shard = epoch_batches(len(images), cfg.seed, epoch, rank, world_size, cfg.batch_size).to(device)
         net.train()
         loss_sum, window_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        window_steps = 0
+        if first_batch:  # resumed mid-epoch: the running sums of the steps before
+            loss_sum, window_sum = (s.to(device) for s in state["loss_sums"])
+            window_steps = state["window_steps"]
         t_epoch = t_window = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.num_epochs}", disable=not master,
-                   dynamic_ncols=True, mininterval=1.0)
-        for i in range(steps_per_epoch):
+        timed_from = epoch_from = step  # a resumed epoch times only the steps it takes
+        bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch}/{cfg.num_epochs}",
+                   disable=not master, dynamic_ncols=True, mininterval=1.0)
+        for i in range(first_batch, steps_per_epoch):
             loss = train_step(shard[i])
             step += 1
             loss_sum += loss
             window_sum += loss
+            window_steps += 1
             if ema is not None:
                 ema.update(net)
-            if master and (step % cfg.log_every == 0 or i == steps_per_epoch - 1):
-                window = step % cfg.log_every or cfg.log_every
-                mean_loss = window_sum.item() / window  # the only host sync, once per log_every steps
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"loss became {mean_loss} at step {step}; lower --learning_rate or "
-                                    "resume from the last good checkpoint")
-                rate = window * cfg.batch_size * world_size / (time.perf_counter() - t_window)
+            log_step = step % cfg.log_every == 0 or i == steps_per_epoch - 1
+            if log_step:
+                guard.check()  # on every rank, so that all stop together
+            if master and log_step:
+                mean_loss = window_sum.item() / window_steps  # with guard.check, the only host syncs
+                rate = (step - timed_from) * cfg.batch_size * world_size / (time.perf_counter() - t_window)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
                 log_metrics(output_dir, {"step": step, "epoch": epoch, "loss": mean_loss,
                                          "lr": scheduler.get_last_lr()[0], "img_per_s": rate})
                 window_sum.zero_()
-                t_window = time.perf_counter()
+                window_steps = 0
+                t_window, timed_from = time.perf_counter(), step
             bar.update(1)
+            stopping = stop.should_stop(step)
+            if i + 1 < steps_per_epoch and (stopping or checkpoint_due(cfg, epoch, step, epoch_end=False)):
+                path = save(epoch, i + 1)
+                if stopping:
+                    exit_resumable(stop, path, output_dir, step, master)
+        first_batch = 0
         bar.close()
-        rng_states = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(rng_states, generator.get_state())
-        else:
-            rng_states = [generator.get_state()]
+        if stopping or checkpoint_due(cfg, epoch, step, epoch_end=True):
+            path = save(epoch, steps_per_epoch)
         in_sync = ranks_in_sync(net) if world_size > 1 else True
+        if master:
+            epoch_time = time.perf_counter() - t_epoch
+            epoch_loss = loss_sum.item() / steps_per_epoch
+            log_metrics(output_dir, {"step": step, "epoch": epoch, "epoch_loss": epoch_loss,
+                                     "epoch_seconds": epoch_time, "world_size": world_size, "ranks_in_sync": in_sync})
+            print(f"epoch {epoch}: loss {epoch_loss:.4f}, {epoch_time:.1f} s, "
+                  f"{(step - epoch_from) * cfg.batch_size * world_size / epoch_time:.0f} img/s")
+        if stopping and epoch < cfg.num_epochs:
+            exit_resumable(stop, path, output_dir, step, master)
         if not master:
             continue
-        epoch_time = time.perf_counter() - t_epoch
-        epoch_loss = loss_sum.item() / steps_per_epoch
-        log_metrics(output_dir, {"epoch": epoch, "epoch_loss": epoch_loss, "epoch_seconds": epoch_time,
-                                 "world_size": world_size, "ranks_in_sync": in_sync})
-        print(f"epoch {epoch}: loss {epoch_loss:.4f}, {epoch_time:.1f} s, "
-              f"{steps_per_epoch * cfg.batch_size * world_size / epoch_time:.0f} img/s")
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.num_epochs:
-            save_checkpoint({
-                "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "rng": rng_states,
-                "config": asdict(cfg), "text_encoder": encoder_record,
-            }, checkpoint_path(output_dir, epoch))
         if epoch % cfg.sample_every == 0 or epoch == cfg.num_epochs:
             path = output_dir / "samples" / f"samples_epoch_{epoch:04d}.png"
             write_samples(cfg, ema, diffusion, table, prompt_rows, path, use_bf16)
             print(f"wrote {path}")
+        if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.num_epochs):
+            scores = evaluate_during_training(cfg, ema.shadow, diffusion, table, prompt_rows, use_bf16)
+            log_metrics(output_dir, {"epoch": epoch, "step": step, **scores})
+            print(f"epoch {epoch}: judge accuracy {scores['eval_accuracy']:.3f}, FMD {scores['eval_fmd']:.2f} "
+                  f"(floor {scores['eval_fmd_floor']:.2f}), {scores['eval_seconds']:.1f} s")
 
     if dist.is_initialized():
         dist.barrier()

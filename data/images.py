@@ -1,6 +1,7 @@
 """Image output: [-1, 1] tensors to uint8, and labelled sample grids as PNG."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -39,3 +40,9 @@ def save_grid(rows: Sequence[np.ndarray], labels: Sequence[str], path: Path) -> 
     """Write the grid atomically as PNG."""
     image = grid_image(rows, labels)
     atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def save_images(images: np.ndarray, names: Sequence[str], folder: Path) -> None:
+    """Each uint8 [H, W] image as its own PNG, ``folder / name``, written atomically."""
+    for image, name in zip(images, names, strict=True):
+        atomic_write(folder / name, partial(Image.fromarray(image).save, format="PNG"))

@@ -1,7 +1,7 @@
 """Guided generation with one seed per image, shared by training, sample.py and evaluation."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,18 @@ def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -
     (as in EDM's generate.py), derived through NumPy's SeedSequence so nearby seeds do not collide."""
     state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device).manual_seed(state)
+
+
+def prompt_contexts(encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], prompts: Sequence[str],
+                    num_samples: int, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) for :func:`generate`, from one call of a text encoder's ``encode``.
+
+    cond holds each prompt's tokens ``num_samples`` times, prompt-major ([P * num_samples, L, D]);
+    uncond ([1, L, D]) those of ``negative_prompt``, which takes the unconditional half of guidance:
+    the empty prompt gives plain classifier-free guidance, another prompt steers away from itself.
+    """
+    tokens, _ = encode([*prompts, negative_prompt])
+    return tokens[:-1].repeat_interleave(num_samples, dim=0), tokens[-1:]
 
 
 @torch.no_grad()

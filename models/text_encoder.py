@@ -159,6 +159,16 @@ def build_text_encoder(
     return TextEncoder(weights=weights, seed=seed, quick_gelu=quick_gelu, device=device)
 
 
+def truncated_prompt(prompt: str) -> str | None:
+    """What the encoder reads of ``prompt`` when it needs more than CONTEXT_LENGTH tokens
+    (start and end included), else None. Needs only the tokenizer, not the encoder's weights."""
+    tokenizer = open_clip.get_tokenizer(MODEL_NAME, context_length=CONTEXT_LENGTH)
+    ids = tokenizer.encode(prompt)
+    if len(ids) + 2 <= CONTEXT_LENGTH:
+        return None
+    return tokenizer.decode(ids[: CONTEXT_LENGTH - 2]).strip()
+
+
 def check_compatible(saved_record: dict, encoder_record: dict) -> None:
     """Raise ``UserError`` unless the checkpoint's text encoder matches the one loaded now.
 

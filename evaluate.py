@@ -1,0 +1,145 @@
+"""Measure what a checkpoint makes: conditional accuracy and Fréchet MNIST distance.
+
+    python evaluate.py                                        # newest checkpoint in outputs/mnist
+    python evaluate.py --checkpoint PATH --guidance_scale 1,2,4,8 --num_samples 100
+
+For every digit, --num_samples images are drawn from the training wordings ("seen") and as many
+from held-out wordings never trained on; the committed judge classifier (evaluation/judge.pt)
+labels them. Reported per guidance scale: the fraction labelled as the prompted digit (overall,
+per digit, per template) and the Fréchet distance between the judge's features of the samples
+and of real MNIST test digits, beside the same distance between two halves of real data (the
+floor). Tables go to stdout; a JSON file (and, for a sweep, a PNG plot) goes beside the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from config import CliParser, require_positive
+from data import EMPTY_PROMPT
+from data.images import to_uint8
+from ddpm import SAMPLERS, generate
+from errors import UserError, run_cli
+from evaluation.judge import JUDGE_PATH, judge_record
+from evaluation.report import plot_sweep, result_tables, sweep_table
+from evaluation.reference import RealReference
+from evaluation.suite import PromptPlan, judge_and_reference, plan_prompts, score
+from fileio import atomic_write, check_writable
+from models.checkpoint import latest_checkpoint
+from models.loading import TrainedModel, load_trained_model
+from sample import pick_device
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--guidance_scale must be a number or a comma list like 1,2,4,8, got {text!r}") from None
+    if any(s < 0 for s in scales):
+        raise UserError(f"--guidance_scale values must be >= 0, got {text!r}")
+    return scales
+
+
+def parse_args(argv: list[str]):
+    p = CliParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
+    p.add_argument("--output_dir", type=Path, default=Path("outputs/mnist"), help="training output folder")
+    p.add_argument("--num_samples", type=int, default=100, help="images per digit for each prompt set")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance_scale", default="8", help="classifier-free guidance scale, or a comma list to sweep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = p.parse_args(argv)
+    require_positive(args, ("num_samples", "steps", "batch_size"))
+    args.guidance_scale = parse_scales(args.guidance_scale)
+    return args
+
+
+def output_path(args, checkpoint: Path, suffix: str) -> Path:
+    """Beside the checkpoint, named by the settings, so runs with other settings do not overwrite it."""
+    scales = "-".join(f"{s:g}" for s in args.guidance_scale)
+    return checkpoint.with_name(f"{checkpoint.stem}_eval_{args.sampler}_{args.steps}steps_cfg{scales}"
+                                f"_n{args.num_samples}_seed{args.seed}{suffix}")
+
+
+def plan_contexts(model: TrainedModel, plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond [N, 8, 512], one row per planned sample; uncond [1, 8, 512]), each prompt encoded once."""
+    unique = list(dict.fromkeys(plan.prompts))
+    tokens, _ = model.encoder.encode(unique + [EMPTY_PROMPT])
+    row = {prompt: i for i, prompt in enumerate(unique)}
+    return tokens[torch.tensor([row[p] for p in plan.prompts], device=tokens.device)], tokens[-1:]
+
+
+def sample_images(model: TrainedModel, cond: torch.Tensor, uncond: torch.Tensor, scale: float, args):
+    """uint8 [N, 28, 28], one image per row of ``cond``, with a progress bar on stderr."""
+    with tqdm(total=len(cond), desc=f"guidance {scale:g}", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+        images = generate(model.net, model.diffusion, cond, uncond, sampler=args.sampler, steps=args.steps,
+                          guidance_scale=scale, seed=args.seed, batch_size=args.batch_size, progress=bar.update)
+    return to_uint8(images)
+
+
+def build_report(args, model: TrainedModel, device: torch.device, reference: RealReference, results: list[dict],
+                 seconds: float) -> dict:
+    """Everything needed to compare this evaluation with another: settings, judge, reference, results."""
+    return {
+        "checkpoint": str(model.path), "epoch": model.epoch, "sampler": args.sampler, "steps": args.steps,
+        "guidance_scales": args.guidance_scale, "seed": args.seed, "num_samples_per_digit": args.num_samples,
+        "batch_size": args.batch_size, "device": str(device),
+        "judge": {"weights": str(JUDGE_PATH), "recorded_test_accuracy": judge_record()["test_accuracy"],
+                  "accuracy_on_real_half_a": reference.judge_accuracy},
+        "reference": {"data": "MNIST test set split per digit into halves A and B; samples are compared "
+                              "with B, the floor is A (as many images per digit as the samples) vs B",
+                      "half_a_images": len(reference.floor_labels), "half_b_images": reference.reference_images},
+        "results": results, "wall_seconds": seconds, "train_config": model.config,
+    }
+
+
+def main() -> None:
+    start = time.perf_counter()
+    args = parse_args(sys.argv[1:])
+    device = pick_device(args.device)
+    path = args.checkpoint or latest_checkpoint(args.output_dir)
+    if path is None:
+        raise UserError(f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
+                        "or pass --checkpoint PATH")
+    check_writable(path.parent, "the results go beside --checkpoint, but")
+    model = load_trained_model(path, device)
+    if args.steps > model.diffusion.num_steps:
+        raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
+    judge_record()  # fail now, not after sampling, if the judge's record is missing
+    judge, reference = judge_and_reference(args.data_dir, device)
+    plan = plan_prompts(args.num_samples)
+    cond, uncond = plan_contexts(model, plan)
+    print(f"{path} (epoch {model.epoch}): {args.sampler}, {args.steps} steps, seed {args.seed}, "
+          f"{args.num_samples} samples per digit per prompt set; judge accuracy on real test digits "
+          f"{100 * reference.judge_accuracy:.2f}%\n")
+
+    results = []
+    for scale in args.guidance_scale:
+        t0 = time.perf_counter()
+        scores = score(sample_images(model, cond, uncond, scale, args), plan, judge, reference)
+        results.append({"guidance_scale": scale, "seconds": time.perf_counter() - t0, **scores})
+        print(result_tables(results[-1]), flush=True)
+
+    if len(results) > 1:
+        print(f"### guidance sweep\n\n{sweep_table(results)}\n")
+        plot = plot_sweep(results, f"{path.name}: {args.sampler}, {args.steps} steps, seed {args.seed}")
+        png = output_path(args, path, ".png")
+        atomic_write(png, lambda f: plot.save(f, format="PNG"))
+        print(f"wrote {png}")
+    report = build_report(args, model, device, reference, results, time.perf_counter() - start)
+    out = output_path(args, path, ".json")
+    atomic_write(out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    print(f"wrote {out} ({report['wall_seconds']:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Measuring generated digits: an MNIST judge classifier, conditional accuracy, Fréchet MNIST distance."""

@@ -1,0 +1,112 @@
+"""What an evaluation samples and how its images are scored.
+
+Each prompt set (seen = the training wordings, held-out = wordings never trained on) gets
+``per_digit`` samples of every digit, cycling through the set's templates. The images are
+judged; accuracy is reported per set, per digit and per template, and the Fréchet MNIST
+distance per set beside the real-vs-real floor of the same size.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+import torch
+
+from data import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_mnist, prompts_for
+from data.images import to_uint8
+from ddpm import GaussianDiffusion, generate
+from evaluation.judge import Judge, judge_images, load_judge
+from evaluation.metrics import accuracy_by, conditional_accuracy
+from evaluation.reference import RealReference, real_reference
+
+if TYPE_CHECKING:
+    from config import TrainConfig
+
+PROMPT_SETS: Mapping[str, tuple[str, ...]] = {"seen": TRAIN_TEMPLATES, "held-out": HELDOUT_TEMPLATES}
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """One entry per sample, set-major, then digit-major."""
+    prompts: list[str]
+    digits: np.ndarray
+    template_index: np.ndarray  # index into the set's templates
+    templates: list[str]
+    sets: list[str]
+
+
+def plan_prompts(per_digit: int, prompt_sets: Mapping[str, tuple[str, ...]] = PROMPT_SETS) -> PromptPlan:
+    """``per_digit`` samples of each digit per set, cycling through the set's K templates across
+    digits (sample i of digit d uses template (d * per_digit + i) mod K), so every template is used
+    and, when per_digit >= K, every digit gets every template."""
+    prompts, digits, index, templates, sets = [], [], [], [], []
+    for name, set_templates in prompt_sets.items():
+        for digit in range(10):
+            wordings = prompts_for(digit, set_templates)
+            for i in range(per_digit):
+                k = (digit * per_digit + i) % len(set_templates)
+                prompts.append(wordings[k])
+                digits.append(digit)
+                index.append(k)
+                templates.append(set_templates[k])
+                sets.append(name)
+    return PromptPlan(prompts, np.array(digits), np.array(index), templates, sets)
+
+
+def group_scores(logits: np.ndarray, features: np.ndarray, digits: np.ndarray,
+                 reference: RealReference) -> dict:
+    """Accuracy overall and per digit, and the distance with its floor, of one class-balanced group."""
+    floor, floor_samples = reference.floor(len(digits) // 10)
+    per_digit = accuracy_by(logits, digits, digits)
+    return {"samples": len(digits), "accuracy": conditional_accuracy(logits, digits),
+            "per_digit": [per_digit[d] for d in range(10)], "fmd": reference.distance(features),
+            "fmd_floor": floor, "floor_samples": floor_samples}
+
+
+def score(images: np.ndarray, plan: PromptPlan, judge: Judge, reference: RealReference) -> dict:
+    """Scores of uint8 images [N, 28, 28] sampled by ``plan``: per set (and "all" when several),
+    and per template."""
+    logits, features = judge_images(judge, images)
+    sets = np.array(plan.sets)
+    names = list(dict.fromkeys(plan.sets))
+    groups = {name: sets == name for name in names}
+    if len(names) > 1:
+        groups["all"] = np.ones(len(sets), dtype=bool)
+    by_set = {name: group_scores(logits[m], features[m], plan.digits[m], reference) for name, m in groups.items()}
+    keys = list(zip(plan.sets, plan.templates))
+    counts = Counter(keys)
+    per_template = [{"set": name, "template": template, "samples": counts[name, template], "accuracy": accuracy}
+                    for (name, template), accuracy in accuracy_by(logits, plan.digits, keys).items()]
+    return {"sets": by_set, "per_template": per_template}
+
+
+@functools.lru_cache(maxsize=2)
+def judge_and_reference(data_dir: str | None, device: torch.device) -> tuple[Judge, RealReference]:
+    """The committed judge on ``device`` and the real-MNIST reference, computed once per process."""
+    judge = load_judge(device=device)
+    mnist = load_mnist(data_dir)
+    return judge, real_reference(judge, mnist.test_images, mnist.test_labels)
+
+
+def evaluate_during_training(cfg: TrainConfig, net: torch.nn.Module, diffusion: GaussianDiffusion,
+                             table: torch.Tensor, rows: torch.Tensor, use_bf16: bool) -> dict[str, float]:
+    """A small evaluation of the seen wordings (the ones train.py's prompt table holds), sampled
+    as the epoch's sample grid is, with a fixed seed so epochs are compared on the same noise.
+
+    ``table`` [1 + P, 8, 512] holds the empty prompt in row 0; ``rows`` [10, K] maps (digit,
+    training template) to a table row. Returns metrics.jsonl fields.
+    """
+    start = time.perf_counter()
+    judge, reference = judge_and_reference(cfg.data_dir, table.device)
+    plan = plan_prompts(cfg.eval_samples, {"seen": TRAIN_TEMPLATES})
+    cond = table[rows[torch.as_tensor(plan.digits), torch.as_tensor(plan.template_index)]]
+    with torch.autocast(table.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        images = generate(net, diffusion, cond, table[:1], sampler=cfg.sampler, steps=cfg.sample_steps,
+                          guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+    seen = score(to_uint8(images), plan, judge, reference)["sets"]["seen"]
+    return {"eval_accuracy": seen["accuracy"], "eval_fmd": seen["fmd"], "eval_fmd_floor": seen["fmd_floor"],
+            "eval_samples": seen["samples"], "eval_seconds": time.perf_counter() - start}

@@ -1,0 +1,193 @@
+"""Kill, stop and resume train.py for real, and compare bitwise with a run that never stopped.
+
+One run goes straight through. A second is SIGKILLed just after its first mid-epoch checkpoint,
+resumed with --resume, sent SIGTERM (it must write a checkpoint and exit with EXIT_RESUMABLE),
+and resumed again to the end. Both end with bitwise the same model, EMA and optimizer state,
+and the same logged losses. Then the checkpoint discovery is fed torn, bit-flipped, renamed and
+foreign files, and the guard rails are run on a learning rate that blows up.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from errors import EXIT_RESUMABLE, EXIT_USER_ERROR
+from models.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, step_checkpoint_path
+from stopping import NonFiniteGuard
+from tests.conftest import ROOT
+
+# configs/tiny.yaml made smaller: 8 steps per epoch of 16 images, 2 epochs, a mid-epoch checkpoint every 3 steps.
+MICRO = ("--config", "configs/tiny.yaml", "--widths", "8", "16", "--head_dim", "8", "--train_subset", "128",
+         "--batch_size", "16", "--log_every", "1", "--samples_per_digit", "1", "--sample_steps", "2",
+         "--checkpoint_every_steps", "3", "--device", "cpu")
+TOTAL_STEPS = 16
+# One thread: the runs are bitwise reproducible at any fixed thread count, and much faster on a busy machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", *MICRO, "--output_dir", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expected: int) -> str:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == expected, f"exit {proc.returncode}, expected {expected}:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    return stdout + stderr
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 240
+    while not condition():
+        assert proc.poll() is None, f"train.py exited ({proc.returncode}) before {what}:\n{proc.communicate()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return max((json.loads(line)["step"] for line in lines if '"loss"' in line), default=0)
+
+
+def resumed_step(log: str) -> int:
+    """The step in train.py's "resumed from PATH at step S: ..." line."""
+    line = next(line for line in log.splitlines() if line.startswith("resumed from"))
+    return int(line.split(" at step ")[1].split(":")[0])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(uninterrupted output dir, interrupted output dir, the steps the two resumptions started from)."""
+    straight, broken = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("broken")
+    reference = start(straight)  # runs alongside the interrupted lineage
+    first = start(broken)
+    wait_for(lambda: list((broken / "checkpoints").glob("checkpoint_step_*.pt")), first, "a step checkpoint")
+    first.send_signal(signal.SIGKILL)
+    finish(first, -signal.SIGKILL)
+
+    second = start(broken, "--resume")
+    first_resume = resumed_step(next(line for line in second.stdout if line.startswith("resumed from")))
+    wait_for(lambda: logged_steps(broken) > first_resume, second, "a step after resuming")
+    second.send_signal(signal.SIGTERM)
+    assert "stopped by SIGTERM after step" in finish(second, EXIT_RESUMABLE)
+
+    second_resume = resumed_step(finish(start(broken, "--resume"), 0))
+    finish(reference, 0)
+    return straight, broken, (first_resume, second_resume)
+
+
+def state_bytes(state) -> dict:
+    """Every leaf of a nested state as bytes: tensors raw, so equality is bitwise (NaN and -0.0 included)."""
+    if isinstance(state, torch.Tensor):
+        return {"": state.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()}
+    if isinstance(state, (dict, list, tuple)):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        return {f"{k}/{path}": b for k, v in items for path, b in state_bytes(v).items()}
+    return {"": repr(state).encode()}
+
+
+def test_killed_and_stopped_run_ends_bitwise_identical(runs):
+    straight, broken, resumed_at = runs
+    first, second = resumed_at
+    assert 0 < first < second < TOTAL_STEPS  # the kill lost steps that were redone; the stop saved where it stopped
+    assert first % 8 != 0  # the kill came mid-epoch, so the first resume started mid-epoch
+    a = torch.load(straight / "checkpoints" / "checkpoint_epoch_0002.pt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "checkpoint_epoch_0002.pt", weights_only=True)
+    assert a["step"] == b["step"] == TOTAL_STEPS
+    for part in ("model", "ema", "optimizer"):
+        expected, got = state_bytes(a[part]), state_bytes(b[part])
+        assert expected.keys() == got.keys() and expected == got, f"{part} differs after kill + resume"
+    assert a["ema"]["updates"] == b["ema"]["updates"] == TOTAL_STEPS
+
+
+def test_resumed_run_logs_each_step_once_with_the_same_losses(runs):
+    straight, broken, _ = runs
+
+    def losses(out):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r], records
+
+    (expected, _), (got, records) = losses(straight), losses(broken)
+    assert [s for s, _, _ in expected] == list(range(1, TOTAL_STEPS + 1))
+    assert got == expected
+    stops = [r for r in records if r.get("event") == "stopped"]
+    assert len(stops) == 1 and stops[0]["signal"] == "SIGTERM" and Path(stops[0]["checkpoint"]).is_file()
+
+
+def test_latest_checkpoint_is_never_fooled(runs, tmp_path):
+    _, broken, _ = runs
+    shutil.copytree(broken / "checkpoints", tmp_path / "checkpoints")
+    folder = tmp_path / "checkpoints"
+    newest = latest_checkpoint(tmp_path)
+    assert newest == folder / "checkpoint_epoch_0002.pt"
+    data = newest.read_bytes()
+    (folder / ".checkpoint_step_00000099.pt.x1y2.tmp").write_bytes(data[: len(data) // 2])  # a write a kill cut
+    (folder / "checkpoint_step_00000098.pt").write_bytes(data[: len(data) // 2])  # torn (an older, non-atomic copy)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF  # one bit-flipped byte: torch.load alone would accept it
+    (folder / "checkpoint_step_00000016.pt").write_bytes(bytes(flipped))
+    shutil.copy(folder / "checkpoint_epoch_0001.pt", folder / "checkpoint_step_00000097.pt")  # renamed: holds step 8
+    torch.save({"step": 96, "weights": torch.zeros(3)}, folder / "checkpoint_step_00000096.pt")  # foreign
+    assert latest_checkpoint(tmp_path) == newest
+    newest.unlink()
+    assert latest_checkpoint(tmp_path) == step_checkpoint_path(tmp_path, 15)  # the bit-flipped "16" is skipped
+
+
+def test_prune_keeps_the_newest_and_spares_what_is_not_a_checkpoint(runs, tmp_path):
+    _, broken, _ = runs
+    shutil.copytree(broken / "checkpoints", tmp_path / "checkpoints")
+    folder = tmp_path / "checkpoints"
+    (folder / ".checkpoint_step_00000099.pt.x1y2.tmp").write_bytes(b"torn")
+    (folder / "checkpoint_step_00000098.pt").write_bytes(b"not a checkpoint")
+    before = [c.step for c in list_checkpoints(tmp_path)]
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert [c.step for c in list_checkpoints(tmp_path)] == before[-2:] == [15, 16]
+    assert (folder / "checkpoint_step_00000098.pt").is_file()
+    assert not list(folder.glob(".*.tmp"))
+    assert step_checkpoint_path(tmp_path, 15).is_file()
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Adam's first update moves every weight by about the learning rate: 1e30 overflows step 2's forward pass.
+    proc = start(tmp_path, "--learning_rate", "1e30", "--checkpoint_every_steps", "1")
+    log = finish(proc, EXIT_USER_ERROR)
+    assert "error: loss or gradients became non-finite (NaN/inf) at step 2;" in log and "Traceback" not in log
+    assert [c.step for c in list_checkpoints(tmp_path)] == [1]
+    assert f"--resume {step_checkpoint_path(tmp_path, 1)}" in log
+    state = torch.load(step_checkpoint_path(tmp_path, 1), weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_max_bad_steps_skips_a_bounded_number_of_updates(tmp_path):
+    proc = start(tmp_path, "--learning_rate", "1e30", "--checkpoint_every_steps", "1", "--max_bad_steps", "2")
+    log = finish(proc, EXIT_USER_ERROR)
+    assert "step 2: update skipped (1 of --max_bad_steps 2)" in log
+    assert "step 3: update skipped (2 of --max_bad_steps 2)" in log
+    assert "non-finite (NaN/inf) at step 4, 3 such steps, more than --max_bad_steps 2" in log
+    # Skipped steps leave the weights finite, so the checkpoints after them are written and resumable.
+    assert [c.step for c in list_checkpoints(tmp_path)] == [1, 2, 3]
+    state = torch.load(step_checkpoint_path(tmp_path, 3), weights_only=True)
+    assert state["bad_steps"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_guard_skips_exactly_the_non_finite_steps():
+    guard = NonFiniteGuard(max_bad_steps=2, step=10, skipped=0, device=torch.device("cpu"))
+    norms = [1.0, float("nan"), 3.0, float("inf"), 0.5]
+    assert [guard.admit(torch.tensor(n)) for n in norms] == [True, False, True, False, True]
+    assert guard.step == 15 and guard.skipped == 2
+    guard.check()  # skipping mode never fails a check
+
+
+def test_guard_without_skipping_records_the_first_bad_step_without_a_sync():
+    guard = NonFiniteGuard(max_bad_steps=0, step=0, skipped=0, device=torch.device("cpu"))
+    assert all(guard.admit(torch.tensor(n)) for n in [1.0, 2.0, float("nan"), float("nan"), 1.0])
+    with pytest.raises(Exception, match="at step 3;"):
+        guard.check()

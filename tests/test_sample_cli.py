@@ -1,0 +1,79 @@
+"""sample.py's sampling flags, in process, on an untrained tiny checkpoint (the outputs are noise;
+what is checked is where they go and what reaches the sampler)."""
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from config import TrainConfig
+from errors import UserError
+from models.checkpoint import save_checkpoint
+from models.ema import EMA
+from models.loading import unet_from_config
+from models.text_encoder import build_text_encoder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = asdict(TrainConfig(widths=[16, 32], attention=[False, True], layers_per_block=1, head_dim=16,
+                             text_encoder="random"))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_epoch_0001.pt"
+    save_checkpoint({"config": cfg, "ema": EMA(unet_from_config(cfg), 0.9).state_dict(), "epoch": 1,
+                     "text_encoder": build_text_encoder("random", seed=0).record}, path)
+    return path
+
+
+def run_sample(monkeypatch, *args):
+    monkeypatch.setattr("sys.argv", ["sample.py", *map(str, args)])
+    sample.main()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sampler", "dpmpp_2m", "--eta", "0.5"], "--eta only applies to --sampler ddim"),
+    (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+    (["--out", "grid.jpg"], "--out must end in .png"),
+    (["--threshold", "static"], "--threshold"),
+    (["--spacing", "uniform"], "--spacing"),
+])
+def test_bad_flags_are_one_line_errors(flags, message):
+    with pytest.raises(UserError, match=message):
+        sample.parse_args(["--prompt", "3", *flags])
+
+
+def test_every_output_and_the_negative_prompt(checkpoint, tmp_path, monkeypatch, capsys):
+    calls = []
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append((a, k)) or real_generate(*a, **k))
+    out = tmp_path / "grid.png"
+    common = ["--checkpoint", checkpoint, "--prompt", "3", "--prompt", "blurry", "--num_samples", 3, "--steps", 4,
+              "--out", out, "--sampler", "ddim", "--eta", 0.5, "--threshold", "dynamic", "--batch_size", 4]
+    run_sample(monkeypatch, *common, "--negative_prompt", "blurry", "--save_individual", "--trajectory")
+
+    folder, gif = tmp_path / "grid", tmp_path / "grid.gif"
+    assert capsys.readouterr().out.split() == [str(out), str(folder), str(gif)]
+    (_, _, cond, uncond), options = calls[0]
+    assert torch.equal(uncond[0], cond[-1])  # the negative prompt's tokens, as "blurry"'s own row has them
+    assert {k: options[k] for k in ("eta", "threshold", "spacing", "seed")} == \
+        {"eta": 0.5, "threshold": "dynamic", "spacing": "trailing", "seed": 0}
+
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["0000_3.png", "0001_3.png", "0002_3.png", "0003_blurry.png", "0004_blurry.png", "0005_blurry.png"]
+    grid = np.asarray(Image.open(out))
+    tile = np.asarray(Image.open(folder / "0004_blurry.png"))  # row 1, column 1 of the grid, drawn at 2x
+    assert np.array_equal(grid[56:112, -112:-56][::2, ::2], tile)
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 4 + 1  # every step, then the result
+
+    before = {p: p.read_bytes() for p in [out, gif, *folder.iterdir()]}
+    for extra in ([], ["--save_individual"], ["--trajectory"]):  # each output alone refuses to be overwritten
+        if extra:
+            out.rename(tmp_path / "moved.png")
+        with pytest.raises(UserError, match="exists; pass --overwrite"):
+            run_sample(monkeypatch, *common, *extra)
+        if extra:
+            (tmp_path / "moved.png").rename(out)
+    assert len(calls) == 1 and {p: p.read_bytes() for p in before} == before
