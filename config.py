@@ -37,6 +37,8 @@ class TrainConfig:
     attention: list[bool] = field(default_factory=lambda: [False, True, True])
     layers_per_block: int = 2
     head_dim: int = 32
+    ff_mult: int = 2  # the transformer feed-forward's hidden width, in multiples of the channels
+    extra_up_block: bool = False  # up path: layers_per_block + 1 blocks per level (improved-diffusion's layout)
     dropout: float = 0.0
     text_encoder: str = "auto"  # auto | openai | random | path to a CLIP state dict
     text_encoder_seed: int = 0
@@ -78,7 +80,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UserError naming the first out-of-range value."""
         positive = ("num_epochs", "batch_size", "num_train_timesteps", "log_every", "checkpoint_every",
-                    "sample_every", "samples_per_digit", "sample_steps", "layers_per_block", "head_dim",
+                    "sample_every", "samples_per_digit", "sample_steps", "layers_per_block", "head_dim", "ff_mult",
                     "eval_samples", "stop_check_every")
         require_positive(self, positive)
         non_negative = ("train_subset", "weight_decay", "warmup_steps", "grad_clip", "dropout", "guidance_scale",
@@ -134,7 +136,14 @@ def _parse_bool(text: str) -> bool:
 
 
 class CliParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit status 2 (through UserError)."""
+    """argparse, but a bad flag is one line on stderr and exit status 2 (through UserError).
+
+    Flags must be spelled out: argparse's default would silently take a mistyped, cut-off
+    ``--learning_rat`` for ``--learning_rate``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):

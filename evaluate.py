@@ -86,15 +86,15 @@ def sample_images(model: TrainedModel, cond: torch.Tensor, uncond: torch.Tensor,
     return to_uint8(images)
 
 
-def build_report(args, model: TrainedModel, device: torch.device, reference: RealReference, results: list[dict],
-                 seconds: float) -> dict:
+def build_report(args, model: TrainedModel, device: torch.device, judge: dict, reference: RealReference,
+                 results: list[dict], seconds: float) -> dict:
     """Everything needed to compare this evaluation with another: settings, judge, reference, results."""
     return {
         "checkpoint": str(model.path), "epoch": model.epoch, "sampler": args.sampler, "steps": args.steps,
         "guidance_scales": args.guidance_scale, "seed": args.seed, "num_samples_per_digit": args.num_samples,
         "batch_size": args.batch_size, "device": str(device),
-        "judge": {"weights": str(JUDGE_PATH), "recorded_test_accuracy": judge_record()["test_accuracy"],
-                  "accuracy_on_real_half_a": reference.judge_accuracy},
+        "judge": {"weights": str(JUDGE_PATH), "weights_sha256": judge["weights_sha256"],
+                  "recorded_test_accuracy": judge["test_accuracy"], "accuracy_on_real_half_a": reference.judge_accuracy},
         "reference": {"data": "MNIST test set split per digit into halves A and B; samples are compared "
                               "with B, the floor is A (as many images per digit as the samples) vs B",
                       "half_a_images": len(reference.floor_labels), "half_b_images": reference.reference_images},
@@ -114,7 +114,7 @@ def main() -> None:
     model = load_trained_model(path, device)
     if args.steps > model.diffusion.num_steps:
         raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
-    judge_record()  # fail now, not after sampling, if the judge's record is missing
+    record = judge_record()  # read now: a missing record fails before sampling, not after
     judge, reference = judge_and_reference(args.data_dir, device)
     plan = plan_prompts(args.num_samples)
     cond, uncond = plan_contexts(model, plan)
@@ -135,7 +135,7 @@ def main() -> None:
         png = output_path(args, path, ".png")
         atomic_write(png, lambda f: plot.save(f, format="PNG"))
         print(f"wrote {png}")
-    report = build_report(args, model, device, reference, results, time.perf_counter() - start)
+    report = build_report(args, model, device, record, reference, results, time.perf_counter() - start)
     out = output_path(args, path, ".json")
     atomic_write(out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     print(f"wrote {out} ({report['wall_seconds']:.0f} s in all)")

@@ -8,16 +8,21 @@ from typing import Any, Mapping
 import torch
 
 from ddpm import GaussianDiffusion, cosine_beta_schedule
+from errors import UserError
 from models.checkpoint import load_checkpoint
 from models.text_encoder import TextEncoder, build_text_encoder, check_compatible
 from models.unet import UNet, UNetConfig
 
 
 def unet_from_config(cfg: Mapping[str, Any]) -> UNet:
-    """The UNet described by a training config (a TrainConfig's fields, as a dict)."""
+    """The UNet described by a training config (a TrainConfig's fields, as a dict).
+
+    Configs saved before ``ff_mult`` and ``extra_up_block`` existed describe the layout of that time.
+    """
     return UNet(UNetConfig(widths=tuple(cfg["widths"]), attention=tuple(cfg["attention"]),
                            layers_per_block=cfg["layers_per_block"], head_dim=cfg["head_dim"],
-                           dropout=cfg["dropout"]))
+                           dropout=cfg["dropout"], ff_mult=cfg.get("ff_mult", 4),
+                           extra_up_block=cfg.get("extra_up_block", True)))
 
 
 def diffusion_from_config(cfg: Mapping[str, Any]) -> GaussianDiffusion:
@@ -57,6 +62,10 @@ def load_trained_model(path: Path, device: torch.device, text_encoder: str | Non
     encoder = build_text_encoder(weights, seed=seed, device=device)
     check_compatible(state["text_encoder"], encoder.record)
     net = unet_from_config(cfg).to(device)
-    net.load_state_dict(state["ema"]["weights"])
+    try:
+        net.load_state_dict(state["ema"]["weights"])
+    except RuntimeError:  # shapes or names differ from what this code builds for that config
+        raise UserError(f"checkpoint {path} holds weights of a different UNet than this version of "
+                        "models/unet.py builds from its config; sample with the code that trained it or retrain") from None
     return TrainedModel(net.eval().requires_grad_(False), diffusion_from_config(cfg), encoder, cfg,
                         Path(path), state["epoch"])

@@ -4,6 +4,12 @@ Layout (defaults, the seed's widths): 28x28 @ 32 -> 14x14 @ 64 -> 7x7 @ 64, resi
 with GroupNorm and SiLU at every level, and at the levels marked in ``attention`` a transformer
 block (self-attention, cross-attention to the text tokens, feed-forward) after each residual
 block, as in Stable Diffusion's UNet. The middle runs res -> transformer -> res at 7x7.
+
+Speed (bench/benchmark.py) shaped two choices: the up path has ``layers_per_block`` blocks per
+level, each taking the skip of its mirror block on the way down (improved-diffusion and diffusers
+add one more, fed by the downsampler's output: ``extra_up_block``), and the transformer's
+feed-forward is ``ff_mult`` (2) times the width. Upsampling is nearest-neighbour x2 then a 3x3
+conv, computed as the equal stride-2 transposed conv at a quarter of the cost (see Upsample).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ class UNetConfig:
     groups: int = 8
     dropout: float = 0.0
     in_channels: int = 1
+    ff_mult: int = 2  # the transformer feed-forward's hidden width, in multiples of the block's width
+    extra_up_block: bool = False  # True: layers_per_block + 1 up blocks per level, as improved-diffusion
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.attention):
@@ -85,14 +93,14 @@ class TransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text tokens, and a GELU feed-forward, pre-norm,
     wrapped in GroupNorm and 1x1 projections so it maps a feature map to a feature map."""
 
-    def __init__(self, dim: int, context_dim: int, head_dim: int, groups: int):
+    def __init__(self, dim: int, context_dim: int, head_dim: int, groups: int, ff_mult: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim)
         self.proj_in = nn.Linear(dim, dim)
         self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, dim, head_dim)
         self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, context_dim, head_dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
         self.proj_out = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -107,13 +115,37 @@ class TransformerBlock(nn.Module):
         return x + rearrange(self.proj_out(h), "b (y x) c -> b c y x", y=height)
 
 
+def transformer(dim: int, cfg: UNetConfig) -> TransformerBlock:
+    return TransformerBlock(dim, cfg.context_dim, cfg.head_dim, cfg.groups, cfg.ff_mult)
+
+
+class Upsample(nn.Conv2d):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv, computed as one stride-2 transposed
+    conv with a 4x4 kernel folded from the 3x3 one: the same function (and parameters) at 4/9 of
+    the multiply-adds, since the plain form convolves four copies of every pixel.
+
+    Along each axis, output 2m takes x[m-1] * w0 + x[m] * (w1 + w2) and output 2m+1 takes
+    x[m] * (w0 + w1) + x[m+1] * w2; a transposed conv with padding 1 reads its kernel taps
+    3, 1 (even outputs) and 2, 0 (odd), so the 4-tap kernel is (w2, w1 + w2, w0 + w1, w0).
+    """
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__(channels_in, channels_out, 3, padding=1)
+        fold = torch.tensor([[0.0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
+        self.register_buffer("fold", fold, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = torch.einsum("ka,oiab,lb->iokl", self.fold, self.weight, self.fold)
+        return F.conv_transpose2d(x, kernel, self.bias, stride=2, padding=1)
+
+
 class Stage(nn.Module):
     """A residual block, followed by a transformer block at attention levels."""
 
     def __init__(self, c_in: int, c_out: int, attention: bool, cfg: UNetConfig, emb_dim: int):
         super().__init__()
         self.res = ResBlock(c_in, c_out, emb_dim, cfg.groups, cfg.dropout)
-        self.attn = TransformerBlock(c_out, cfg.context_dim, cfg.head_dim, cfg.groups) if attention else None
+        self.attn = transformer(c_out, cfg) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.res(x, emb)
@@ -133,7 +165,7 @@ class UNet(nn.Module):
 
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
-        skip_channels, c = [w0], w0
+        skip_channels, c = [w0] if cfg.extra_up_block else [], w0
         for level, (width, attn) in enumerate(zip(cfg.widths, cfg.attention)):
             for _ in range(cfg.layers_per_block):
                 self.down.append(Stage(c, width, attn, cfg, emb_dim))
@@ -141,31 +173,36 @@ class UNet(nn.Module):
                 skip_channels.append(c)
             if level < len(cfg.widths) - 1:
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                skip_channels.append(c)
+                skip_channels += [c] if cfg.extra_up_block else []
 
         self.mid1 = ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout)
-        self.mid_attn = TransformerBlock(c, cfg.context_dim, cfg.head_dim, cfg.groups)
+        self.mid_attn = transformer(c, cfg)
         self.mid2 = ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout)
 
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for level in reversed(range(len(cfg.widths))):
             width, attn = cfg.widths[level], cfg.attention[level]
-            for _ in range(cfg.layers_per_block + 1):
+            for _ in range(self.up_blocks_per_level):
                 self.up.append(Stage(c + skip_channels.pop(), width, attn, cfg, emb_dim))
                 c = width
             if level > 0:
-                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
+                self.upsample.append(Upsample(c, c))
 
         self.norm_out = nn.GroupNorm(cfg.groups, c)
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @property
+    def up_blocks_per_level(self) -> int:
+        return self.cfg.layers_per_block + self.cfg.extra_up_block
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.widths[0]))
         h = self.conv_in(x)
-        skips = [h]
+        extra = self.cfg.extra_up_block  # the extra up blocks take conv_in's and the downsamplers' outputs
+        skips = [h] if extra else []
         blocks = iter(self.down)
         for level in range(len(self.cfg.widths)):
             for _ in range(self.cfg.layers_per_block):
@@ -173,14 +210,14 @@ class UNet(nn.Module):
                 skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)
-                skips.append(h)
+                skips += [h] if extra else []
 
         h = self.mid2(self.mid_attn(self.mid1(h, emb), context), emb)
 
         blocks = iter(self.up)
         for i, level in enumerate(reversed(range(len(self.cfg.widths)))):
-            for _ in range(self.cfg.layers_per_block + 1):
+            for _ in range(self.up_blocks_per_level):
                 h = next(blocks)(torch.cat([h, skips.pop()], dim=1), emb, context)
             if level > 0:
-                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                h = self.upsample[i](h)
         return self.conv_out(F.silu(self.norm_out(h)))

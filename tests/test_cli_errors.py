@@ -10,12 +10,8 @@ what a shell sees. "Nothing written" is checked by comparing every file under th
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
-import runpy
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +23,7 @@ import torch
 from data.mnist import IDX_FILES, mnist_cache_dir
 from errors import EXIT_USER_ERROR
 from models.checkpoint import save_checkpoint
-from stopping import STOP_SIGNALS
+from tests.cli import ENV, run_in_process
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -36,7 +32,6 @@ MICRO = ("--config", TINY, "--widths", "8", "16", "--head_dim", "8", "--train_su
          "--num_epochs", "1", "--samples_per_digit", "1", "--sample_steps", "2", "--checkpoint_every_steps", "1",
          "--device", "cpu")
 LONG_PROMPT = "a picture of the handwritten digit seven"  # 9 CLIP tokens: "seven" would be cut
-ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -151,39 +146,6 @@ class RunsCode:
 
     def __reduce__(self):
         return Path.touch, (self.marker,)
-
-
-@contextlib.contextmanager
-def script_context(argv: list[str], env: dict[str, str], cwd: Path):
-    """sys.argv, os.environ, the working folder, one torch thread and the stop-signal handlers, restored after."""
-    saved = sys.argv, dict(os.environ), Path.cwd(), torch.get_num_threads(), {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    sys.argv = argv
-    os.environ.update(env)
-    os.chdir(cwd)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        sys.argv, environ, cwd_before, threads, handlers = saved
-        os.environ.clear()
-        os.environ.update(environ)
-        os.chdir(cwd_before)
-        torch.set_num_threads(threads)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def run_in_process(script: str, args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
-    """(exit status, stderr) of ``python script args``, run in this process."""
-    stderr = io.StringIO()
-    with script_context([script, *args], {**ENV, **env}, cwd), contextlib.redirect_stderr(stderr), \
-            contextlib.redirect_stdout(io.StringIO()):
-        try:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-            status = 0
-        except SystemExit as exit_:
-            status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
-    return status, stderr.getvalue()
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

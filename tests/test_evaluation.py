@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import evaluate
 from data import heldout_prompts, load_mnist, training_prompts
+from errors import UserError
 from evaluation.judge import JUDGE_PATH, judge_images, judge_record, load_judge
 from evaluation.metrics import accuracy_by, conditional_accuracy, frechet_distance, gaussian_stats
 from evaluation.reference import split_halves
@@ -172,10 +174,15 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
 @pytest.mark.parametrize("flags, message", [
     (["--num_samples", "0"], "--num_samples must be at least 1"),
     (["--guidance_scale", "1,x"], "--guidance_scale must be a number or a comma list"),
+    (["--guidance_scale", "4,-1"], "--guidance_scale values must be >= 0"),
     (["--sampler", "euler"], "invalid choice"),
-    (["--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
 ])
-def test_evaluate_bad_flags_fail_in_one_line(flags, message):
-    proc = run("evaluate.py", *flags)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_evaluate_rejects_bad_flags(flags, message):
+    with pytest.raises(UserError, match=message):
+        evaluate.parse_args(flags)
+
+
+def test_evaluate_missing_checkpoint_fails_in_one_line(tmp_path):
+    proc = run("evaluate.py", "--checkpoint", str(tmp_path / "none.pt"))
+    assert proc.returncode == 2 and not list(tmp_path.iterdir())
+    assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

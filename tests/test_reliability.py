@@ -21,10 +21,11 @@ import torch
 from errors import EXIT_RESUMABLE, EXIT_USER_ERROR
 from models.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, step_checkpoint_path
 from stopping import NonFiniteGuard
+from tests.cli import run_in_process
 from tests.conftest import ROOT
 
 # configs/tiny.yaml made smaller: 8 steps per epoch of 16 images, 2 epochs, a mid-epoch checkpoint every 3 steps.
-MICRO = ("--config", "configs/tiny.yaml", "--widths", "8", "16", "--head_dim", "8", "--train_subset", "128",
+MICRO = ("--config", str(ROOT / "configs" / "tiny.yaml"), "--widths", "8", "16", "--head_dim", "8", "--train_subset", "128",
          "--batch_size", "16", "--log_every", "1", "--samples_per_digit", "1", "--sample_steps", "2",
          "--checkpoint_every_steps", "3", "--device", "cpu")
 TOTAL_STEPS = 16
@@ -113,11 +114,12 @@ def test_resumed_run_logs_each_step_once_with_the_same_losses(runs):
 
     def losses(out):
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r], records
+        steps = [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+        return steps, [(r["step"], r["epoch_loss"]) for r in records if "epoch_loss" in r], records
 
-    (expected, _), (got, records) = losses(straight), losses(broken)
+    (expected, expected_epochs, _), (got, got_epochs, records) = losses(straight), losses(broken)
     assert [s for s, _, _ in expected] == list(range(1, TOTAL_STEPS + 1))
-    assert got == expected
+    assert got == expected and got_epochs == expected_epochs and len(got_epochs) == 2
     stops = [r for r in records if r.get("event") == "stopped"]
     assert len(stops) == 1 and stops[0]["signal"] == "SIGTERM" and Path(stops[0]["checkpoint"]).is_file()
 
@@ -155,26 +157,33 @@ def test_prune_keeps_the_newest_and_spares_what_is_not_a_checkpoint(runs, tmp_pa
     assert step_checkpoint_path(tmp_path, 15).is_file()
 
 
+def train_until_error(out: Path, *extra: str) -> str:
+    """Train in this process (see tests/cli.py) where train.py must stop with exit status 2; its stderr."""
+    status, stderr = run_in_process("train.py", [*MICRO, "--output_dir", str(out), *extra], {}, out.parent)
+    assert status == EXIT_USER_ERROR and "Traceback" not in stderr, stderr[-3000:]
+    return stderr
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     # Adam's first update moves every weight by about the learning rate: 1e30 overflows step 2's forward pass.
-    proc = start(tmp_path, "--learning_rate", "1e30", "--checkpoint_every_steps", "1")
-    log = finish(proc, EXIT_USER_ERROR)
-    assert "error: loss or gradients became non-finite (NaN/inf) at step 2;" in log and "Traceback" not in log
-    assert [c.step for c in list_checkpoints(tmp_path)] == [1]
-    assert f"--resume {step_checkpoint_path(tmp_path, 1)}" in log
-    state = torch.load(step_checkpoint_path(tmp_path, 1), weights_only=True)
+    out = tmp_path / "run"
+    log = train_until_error(out, "--learning_rate", "1e30", "--checkpoint_every_steps", "1")
+    assert "error: loss or gradients became non-finite (NaN/inf) at step 2;" in log
+    assert [c.step for c in list_checkpoints(out)] == [1]
+    assert f"--resume {step_checkpoint_path(out, 1)}" in log
+    state = torch.load(step_checkpoint_path(out, 1), weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_max_bad_steps_skips_a_bounded_number_of_updates(tmp_path):
-    proc = start(tmp_path, "--learning_rate", "1e30", "--checkpoint_every_steps", "1", "--max_bad_steps", "2")
-    log = finish(proc, EXIT_USER_ERROR)
+    out = tmp_path / "run"
+    log = train_until_error(out, "--learning_rate", "1e30", "--checkpoint_every_steps", "1", "--max_bad_steps", "2")
     assert "step 2: update skipped (1 of --max_bad_steps 2)" in log
     assert "step 3: update skipped (2 of --max_bad_steps 2)" in log
     assert "non-finite (NaN/inf) at step 4, 3 such steps, more than --max_bad_steps 2" in log
     # Skipped steps leave the weights finite, so the checkpoints after them are written and resumable.
-    assert [c.step for c in list_checkpoints(tmp_path)] == [1, 2, 3]
-    state = torch.load(step_checkpoint_path(tmp_path, 3), weights_only=True)
+    assert [c.step for c in list_checkpoints(out)] == [1, 2, 3]
+    state = torch.load(step_checkpoint_path(out, 3), weights_only=True)
     assert state["bad_steps"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
@@ -191,3 +200,13 @@ def test_guard_without_skipping_records_the_first_bad_step_without_a_sync():
     assert all(guard.admit(torch.tensor(n)) for n in [1.0, 2.0, float("nan"), float("nan"), 1.0])
     with pytest.raises(Exception, match="at step 3;"):
         guard.check()
+
+
+def test_every_torch_load_in_the_product_is_weights_only():
+    """Checkpoints and weight files are data: no torch.load in the product may unpickle code."""
+    product = [p for p in ROOT.rglob("*.py") if not {"tests", "bench"} & set(p.relative_to(ROOT).parts)
+               and not p.relative_to(ROOT).parts[0].startswith(".")]
+    calls = [(p, line) for p in product for line in p.read_text().splitlines() if "torch.load(" in line]
+    assert calls, "expected the checkpoint loader among the calls"
+    unsafe = [f"{p.relative_to(ROOT)}: {line.strip()}" for p, line in calls if "weights_only=True" not in line]
+    assert not unsafe, unsafe

@@ -77,4 +77,4 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     assert epoch == [pytest.approx({**epoch[0], "world_size": 2, "ranks_in_sync": True})]
     state = torch.load(tmp_path / "checkpoints" / "checkpoint_epoch_0001.pt", weights_only=True)
     assert state["step"] == 4 and len(state["rng"]) == 2  # 512 images / (64 x 2 ranks)
-    assert not torch.equal(state["rng"][0], state["rng"][1])
+    assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])

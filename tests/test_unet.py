@@ -1,9 +1,10 @@
 """UNet and EMA behaviour."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.ema import EMA
-from models.unet import UNet, UNetConfig, timestep_embedding
+from models.unet import UNet, UNetConfig, Upsample, timestep_embedding
 
 
 def test_timestep_embedding_closed_form():
@@ -14,10 +15,11 @@ def test_timestep_embedding_closed_form():
     torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
 
 
-@pytest.fixture
-def net():
+@pytest.fixture(params=[False, True], ids=["up_blocks=layers", "up_blocks=layers+1"])
+def net(request):
     torch.manual_seed(0)
-    net = UNet(UNetConfig(widths=(16, 32, 32), attention=(False, True, True), layers_per_block=1, head_dim=16))
+    net = UNet(UNetConfig(widths=(16, 32, 32), attention=(False, True, True), layers_per_block=1, head_dim=16,
+                          extra_up_block=request.param))
     for module in net.modules():  # undo the zero inits so every path carries signal
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.normal_(module.weight, std=0.05)
@@ -43,6 +45,32 @@ def test_output_depends_on_text_time_and_image_and_all_weights_get_gradients(net
 def test_samples_are_independent_in_a_batch(net):
     x, t, ctx = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]), torch.randn(4, 8, 512)
     torch.testing.assert_close(net(x, t, ctx)[2:3], net(x[2:3], t[2:3], ctx[2:3]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels_in,channels_out,size", [(4, 6, 7), (3, 3, 14)])
+def test_upsample_equals_nearest_then_conv(channels_in, channels_out, size):
+    """The folded transposed conv against the plain form: nearest x2, then a padded 3x3 conv."""
+    torch.manual_seed(0)
+    up = Upsample(channels_in, channels_out)
+    x = torch.randn(2, channels_in, size, size, requires_grad=True)
+    out = up(x)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.weight, up.bias, padding=1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, up.weight, up.bias], grad)
+    want = torch.autograd.grad(expected, [x, up.weight, up.bias], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+
+
+def test_up_path_layout():
+    """layers_per_block up blocks per level, each fed its mirror's skip; or one more, fed by the downsamplers."""
+    cfg = dict(widths=(16, 32), attention=(False, True), layers_per_block=2, head_dim=16)
+    lean, extra = UNet(UNetConfig(**cfg)), UNet(UNetConfig(**cfg, extra_up_block=True))
+    assert len(lean.up) == 4 and len(extra.up) == 6
+    # up blocks' input channels: the path's width plus the skip's, in the down path's reverse order
+    assert [b.res.conv1.in_channels for b in lean.up] == [32 + 32, 32 + 32, 32 + 16, 16 + 16]
+    assert [b.res.conv1.in_channels for b in extra.up] == [32 + 32, 32 + 32, 32 + 16, 32 + 16, 16 + 16, 16 + 16]
 
 
 def test_fresh_unet_predicts_zero():

@@ -1,0 +1,56 @@
+"""Run a command-line script inside the test process, exactly as ``python SCRIPT ARGS`` would run it.
+
+runpy executes the script with ``__name__ == "__main__"`` (its whole path, from argument parsing
+to ``errors.run_cli``) under the given argv, environment and working folder, without paying the
+~4 s of imports a subprocess costs here. Everything the script may change globally (argv, the
+environment, the working folder, torch's thread count, the stop-signal handlers) is restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from stopping import STOP_SIGNALS
+from tests.conftest import ROOT
+
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def script_context(argv: list[str], env: dict[str, str], cwd: Path):
+    """sys.argv, os.environ, the working folder, one torch thread and the stop-signal handlers, restored after."""
+    saved = sys.argv, dict(os.environ), Path.cwd(), torch.get_num_threads(), {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    sys.argv = argv
+    os.environ.update(env)
+    os.chdir(cwd)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        sys.argv, environ, cwd_before, threads, handlers = saved
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd_before)
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def run_in_process(script: str, args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """(exit status, stderr) of ``python script args``, run in this process."""
+    stderr = io.StringIO()
+    with script_context([script, *args], {**ENV, **env}, cwd), contextlib.redirect_stderr(stderr), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+            status = 0
+        except SystemExit as exit_:
+            status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+    return status, stderr.getvalue()
