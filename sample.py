@@ -41,7 +41,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--steps", type=int, default=20, help="sampling steps (network calls per image)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as ancestral DDPM; ddim only")
     p.add_argument("--spacing", choices=SPACINGS, default="trailing", help="which timesteps the steps visit")
-    p.add_argument("--threshold", choices=THRESHOLDS, default="none",
+    p.add_argument("--threshold", choices=THRESHOLDS, default="clip",
                    help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding")
     p.add_argument("--guidance_scale", type=float, default=8.0, help="classifier-free guidance scale s")
     p.add_argument("--negative_prompt", default=EMPTY_PROMPT,

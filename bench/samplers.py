@@ -50,7 +50,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--batch_size", type=int, default=100, help="images per forward pass")
     p.add_argument("--guidance_scale", type=float, default=8.0)
     p.add_argument("--spacing", choices=SPACINGS, default="trailing")
-    p.add_argument("--threshold", choices=THRESHOLDS, default="none")
+    p.add_argument("--threshold", choices=THRESHOLDS, default="clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (the benchmark's setting) or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")

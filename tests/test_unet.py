@@ -1,10 +1,11 @@
 """UNet and EMA behaviour."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.ema import EMA
-from models.unet import UNet, UNetConfig, Upsample, timestep_embedding
+from models.unet import UNet, UNetConfig, Upsample, attention, plain_attention, timestep_embedding
 
 
 def test_timestep_embedding_closed_form():
@@ -61,6 +62,25 @@ def test_upsample_equals_nearest_then_conv(channels_in, channels_out, size):
     want = torch.autograd.grad(expected, [x, up.weight, up.bias], grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+
+
+def reference_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v in float64 NumPy, an independent reference."""
+    q, k, v = (t.double().numpy() for t in (q, k, v))
+    logits = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    return torch.from_numpy(weights / weights.sum(-1, keepdims=True) @ v)
+
+
+@pytest.mark.parametrize("keys", [8, 49])  # cross-attention to 8 text tokens, self-attention at 7x7
+def test_attention_paths_equal_the_formula(keys):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 49, 16), torch.randn(2, 2, keys, 16), torch.randn(2, 2, keys, 16)
+    expected = reference_attention(q, k, v)
+    torch.testing.assert_close(plain_attention(q, k, v).double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(q, k, v).double(), expected, atol=1e-5, rtol=1e-5)  # fused kernel
+    low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # the plain path, on the CPU
+    torch.testing.assert_close(low.double(), expected, atol=3e-2, rtol=3e-2)
 
 
 def test_up_path_layout():
