@@ -167,31 +167,36 @@ def _proc_status_mb(field: str) -> float:
 def peak_memory_mb(step: TrainingStep, device: torch.device) -> tuple[float, str]:
     """(peak MB of one training step, how it was measured), running that step.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the step's peak RSS growth, after returning
-    freed heap to the system and resetting the high-water mark, plus the weights and optimizer
-    state resident before it, so both devices count the same things.
+    What the step allocates at its peak above what was allocated before it, plus this model's
+    weights and AdamW state (resident between steps): the same count on both devices. CUDA:
+    torch.cuda.max_memory_allocated. CPU (Linux): the resident set's high-water mark, reset after
+    handing freed heap back to the system.
     """
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step()
         sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = _proc_status_mb("VmRSS")
+        grown, how = (torch.cuda.max_memory_allocated(device) - before) / 2**20, "torch.cuda.max_memory_allocated"
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            before = _proc_status_mb("VmRSS")
+        except OSError:  # not Linux: the process's lifetime peak RSS, an upper bound
+            import resource
+            step()
+            scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss is in bytes on macOS, else KiB
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "process peak RSS"
         step()
-        grown = _proc_status_mb("VmHWM") - before
-    except OSError:  # not Linux: the process's lifetime peak, an upper bound
-        import resource
-        step()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS (upper bound)"
-    return grown + step.state_bytes() / 2**20, "peak RSS growth in a step + weights and AdamW state"
+        grown, how = _proc_status_mb("VmHWM") - before, "peak RSS growth (VmHWM)"
+    return grown + step.state_bytes() / 2**20, f"{how} in a step + weights and AdamW state"
 
 
 # ----------------------------------------------------------------------------- training throughput
-def time_interleaved(steps: dict[str, TrainingStep], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_interleaved(steps: dict[str, TrainingStep], device: torch.device, warmup: int,
+                     repeats: int) -> dict[str, list[float]]:
     """Seconds per step of each entry, taking turns step by step after ``warmup`` untimed steps each."""
     for step in steps.values():
         for _ in range(warmup):
@@ -368,7 +373,11 @@ def main() -> None:
         results["epoch"] = epoch_time(args, device)
     print_report(results)
     if args.json:
-        atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+        try:
+            atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+        except OSError as err:
+            raise UserError(f"cannot write --json {args.json} ({err.strerror}); "
+                            "the table above holds the results") from None
         print(f"\nwrote {args.json}")
 
 
