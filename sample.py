@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from config import CliParser
+from config import CliParser, require_positive
 from data import EMPTY_PROMPT
 from data.images import save_grid, save_images, to_uint8
 from data.trajectory import TrajectoryRecorder
@@ -59,9 +59,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--text_encoder", help="override the checkpoint's text-encoder weights (must match it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
-    for name in ("num_samples", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_positive(args, ("num_samples", "steps", "batch_size"))
     if args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     if args.eta is not None and args.sampler != "ddim":
