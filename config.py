@@ -73,7 +73,7 @@ class TrainConfig:
     eval_samples: int = 30  # images per digit in each such evaluation
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto = bf16 autocast on GPUs that support it
+    precision: str = "auto"  # auto = bf16 autocast where the hardware does bf16 (devices.use_bf16)
     compile: str = "auto"  # auto = torch.compile on CUDA
     channels_last: bool = False
 

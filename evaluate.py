@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from config import CliParser, require_positive
+from devices import PRECISIONS, pick_device, use_bf16
 from data import EMPTY_PROMPT
 from data.images import to_uint8
 from ddpm import SAMPLERS, generate
@@ -32,7 +33,6 @@ from evaluation.suite import PromptPlan, judge_and_reference, plan_prompts, scor
 from fileio import atomic_write, check_writable
 from models.checkpoint import latest_checkpoint
 from models.loading import TrainedModel, load_trained_model
-from sample import pick_device
 
 
 def parse_scales(text: str) -> list[float]:
@@ -57,6 +57,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network precision: auto = bf16 autocast where the hardware does bf16, else fp32")
     args = p.parse_args(argv)
     require_positive(args, ("num_samples", "steps", "batch_size"))
     args.guidance_scale = parse_scales(args.guidance_scale)
@@ -82,7 +84,8 @@ def sample_images(model: TrainedModel, cond: torch.Tensor, uncond: torch.Tensor,
     """uint8 [N, 28, 28], one image per row of ``cond``, with a progress bar on stderr."""
     with tqdm(total=len(cond), desc=f"guidance {scale:g}", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
         images = generate(model.net, model.diffusion, cond, uncond, sampler=args.sampler, steps=args.steps,
-                          guidance_scale=scale, seed=args.seed, batch_size=args.batch_size, progress=bar.update)
+                          guidance_scale=scale, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
+                          bf16=args.bf16)
     return to_uint8(images)
 
 
@@ -93,6 +96,7 @@ def build_report(args, model: TrainedModel, device: torch.device, judge: dict, r
         "checkpoint": str(model.path), "epoch": model.epoch, "sampler": args.sampler, "steps": args.steps,
         "guidance_scales": args.guidance_scale, "seed": args.seed, "num_samples_per_digit": args.num_samples,
         "batch_size": args.batch_size, "device": str(device),
+        "bf16": args.bf16,
         "judge": {"weights": str(JUDGE_PATH), "weights_sha256": judge["weights_sha256"],
                   "recorded_test_accuracy": judge["test_accuracy"], "accuracy_on_real_half_a": reference.judge_accuracy},
         "reference": {"data": "MNIST test set split per digit into halves A and B; samples are compared "
@@ -106,6 +110,7 @@ def main() -> None:
     start = time.perf_counter()
     args = parse_args(sys.argv[1:])
     device = pick_device(args.device)
+    args.bf16 = use_bf16(args.precision, device)
     path = args.checkpoint or latest_checkpoint(args.output_dir)
     if path is None:
         raise UserError(f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
@@ -119,6 +124,7 @@ def main() -> None:
     plan = plan_prompts(args.num_samples)
     cond, uncond = plan_contexts(model, plan)
     print(f"{path} (epoch {model.epoch}): {args.sampler}, {args.steps} steps, seed {args.seed}, "
+          f"{'bf16' if args.bf16 else 'fp32'} on {device}, "
           f"{args.num_samples} samples per digit per prompt set; judge accuracy on real test digits "
           f"{100 * reference.judge_accuracy:.2f}%\n")
 

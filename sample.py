@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from config import CliParser, require_positive
+from devices import PRECISIONS, pick_device, use_bf16
 from data import EMPTY_PROMPT
 from data.images import save_grid, save_images, to_uint8
 from data.trajectory import TrajectoryRecorder
@@ -58,6 +57,10 @@ def parse_args(argv: list[str]):
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--text_encoder", help="override the checkpoint's text-encoder weights (must match it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="network precision. fp32 (default) keeps image i the same whatever --batch_size; bf16 "
+                        "(auto: where the hardware does it natively) is ~2x faster on such CPUs, but its pixels "
+                        "then vary slightly with the batch size")
     args = p.parse_args(argv)
     require_positive(args, ("num_samples", "steps", "batch_size"))
     if args.guidance_scale < 0:
@@ -86,16 +89,6 @@ def check_prompt_lengths(prompts: list[str], allow_truncation: bool) -> None:
             raise UserError(f"prompt {prompt!r} is longer than the text encoder's {CONTEXT_LENGTH} tokens and would be "
                             f"truncated to {kept!r}; shorten it, or pass --allow_truncation to accept that")
         print(f"warning: prompt {prompt!r} was truncated to {CONTEXT_LENGTH} tokens: {kept!r}", file=sys.stderr)
-
-
-def pick_device(flag: str) -> torch.device:
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if flag != "cpu" and not re.fullmatch(r"cuda(:\d+)?", flag):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
-    if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {flag} asked for CUDA but none is available; use --device cpu")
-    return torch.device(flag)
 
 
 def slug(text: str) -> str:
@@ -146,10 +139,11 @@ def main() -> None:
 
     cond, uncond = prompt_contexts(model.encoder.encode, args.prompt, args.num_samples, args.negative_prompt)
     recorder = TrajectoryRecorder(args.steps) if gif else None
+    bf16 = use_bf16(args.precision, device)
     start = time.perf_counter()
     images = generate(model.net, model.diffusion, cond, uncond, sampler=args.sampler, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-                      callback=recorder, **sampler_options(args))
+                      callback=recorder, bf16=bf16, **sampler_options(args))
     elapsed = time.perf_counter() - start
     digits = to_uint8(images)
     save_grid(list(digits.reshape(len(args.prompt), args.num_samples, 28, 28)), [f'"{p}"' for p in args.prompt], out)
@@ -159,7 +153,8 @@ def main() -> None:
     if recorder:
         recorder.save_gif(digits, args.prompt, gif)
     print(f"{len(images)} images from {path} (epoch {model.epoch}) with {args.sampler}, {args.steps} steps "
-          f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, in {elapsed:.1f} s",
+          f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, "
+          f"{'bf16' if bf16 else 'fp32'} on {device}, in {elapsed:.1f} s",
           file=sys.stderr)
     for written in (out, folder, gif):
         if written:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import devices
 from config import TrainConfig, parse_train_args
 from data import EMPTY_PROMPT, canonical_prompt, load_mnist, training_prompts
 from data.images import save_grid, to_uint8
@@ -44,17 +45,10 @@ def setup_distributed(device_flag: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment; a plain run is rank 0 of 1."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_flag == "auto":
-        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_flag.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device_flag} asked for CUDA but none is available; use --device cpu")
-        device = torch.device("cuda", local_rank if world_size > 1 else torch.device(device_flag).index or 0)
+    device = devices.pick_device(device_flag)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world_size > 1 else device.index or 0)
         torch.cuda.set_device(device)
-    elif device_flag == "cpu":
-        device = torch.device("cpu")
-    else:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device_flag!r}")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
@@ -120,9 +114,8 @@ def write_samples(cfg: TrainConfig, ema: EMA, diffusion: GaussianDiffusion, tabl
     """A grid with one row per digit 0-9, prompted by the digit itself, sampled from the EMA weights."""
     n = cfg.samples_per_digit
     digit_rows = rows[:, 0].repeat_interleave(n)  # template 0 is "{d}", the canonical prompt
-    with torch.autocast(table.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        images = generate(ema.shadow, diffusion, table[digit_rows], table[:1], sampler=cfg.sampler,
-                          steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+    images = generate(ema.shadow, diffusion, table[digit_rows], table[:1], sampler=cfg.sampler,
+                      steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed, bf16=use_bf16)
     grid = to_uint8(images).reshape(10, n, 28, 28)
     save_grid(list(grid), [f'"{canonical_prompt(d)}"' for d in range(10)], path)
 
@@ -160,8 +153,7 @@ def main() -> None:
     stop = StopSignals(cfg.stop_check_every, world_size, device).install()
     master = rank == 0
     torch.manual_seed(cfg.seed)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
-                                           and torch.cuda.is_bf16_supported())
+    use_bf16 = devices.use_bf16(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: find the fastest conv algorithms once
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the fp32 left over

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from config import DEFAULT_CONFIG, CliParser, TrainConfig, read_yaml_config  # noqa: E402
+from devices import PRECISIONS, pick_device, use_bf16  # noqa: E402
 from ddpm import SAMPLERS, generate  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from fileio import atomic_write, check_writable  # noqa: E402
@@ -60,8 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=128, help="training batch of both models")
     p.add_argument("--repeats", type=int, help="timed steps per model (default 10, --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed steps per model first (default 2, --quick 1)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="both models; auto = train.py's choice (bf16 autocast on CUDA, fp32 on the CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="both models; auto = train.py's choice (bf16 autocast where the hardware does bf16)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile both models (auto: on CUDA); compile time is not timed")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -82,17 +83,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
-
-
-def pick_device(flag: str) -> torch.device:
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "cpu"
-    if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {flag} asked for CUDA but none is available; use --device cpu")
-    try:
-        return torch.device(flag)
-    except RuntimeError:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}") from None
 
 
 def sync(device: torch.device) -> None:
@@ -151,9 +141,7 @@ class TrainingStep:
 
 def settings(args: argparse.Namespace, device: torch.device) -> tuple[bool, bool]:
     """(bf16 autocast, torch.compile), as train.py picks them unless the flags say otherwise."""
-    cuda = device.type == "cuda"
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-    return bf16, args.compile == "on" or (args.compile == "auto" and cuda)
+    return use_bf16(args.precision, device), args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -256,8 +244,7 @@ def sampling_throughput(args: argparse.Namespace, device: torch.device) -> list[
     def run(sampler: str, cond: torch.Tensor) -> float:
         sync(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            generate(net, diffusion, cond, tokens[:1], sampler=sampler, **options)
+        generate(net, diffusion, cond, tokens[:1], sampler=sampler, bf16=bf16, **options)
         sync(device)
         return time.perf_counter() - start
 
@@ -281,7 +268,7 @@ def run_train(device: torch.device, images: int, output_dir: Path) -> tuple[floa
     """Run train.py for one epoch; (start-up seconds, its metrics.jsonl records)."""
     cmd = [sys.executable, "-u", str(ROOT / "train.py"), "--output_dir", str(output_dir), "--device", str(device),
            "--num_epochs", "1", "--train_subset", str(images), "--samples_per_digit", "1", "--sample_steps", "1",
-           "--eval_every", "0"]
+           "--eval_every", "0", "--precision", args.precision, "--compile", args.compile]
     if images:  # four log windows: the first holds the warm-up, the rest give the steady rate
         cmd += ["--log_every", str(max(1, images // default_config().batch_size // 4))]
     start = time.perf_counter()

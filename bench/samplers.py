@@ -25,6 +25,7 @@ from config import CliParser, TrainConfig  # noqa: E402
 from data import EMPTY_PROMPT, TRAIN_TEMPLATES  # noqa: E402
 from data.images import to_uint8  # noqa: E402
 from ddpm import SAMPLERS, SPACINGS, THRESHOLDS, generate, prompt_contexts  # noqa: E402
+from devices import PRECISIONS, pick_device, use_bf16  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from evaluation.judge import judge_images, load_judge  # noqa: E402
 from evaluation.metrics import conditional_accuracy  # noqa: E402
@@ -53,6 +54,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--threshold", choices=THRESHOLDS, default="clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (the benchmark's setting) or cuda")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network precision: auto = bf16 autocast where the hardware does bf16, else fp32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     args = p.parse_args(argv)
     args.samplers = comma_list(args.samplers, str, "--samplers")
@@ -87,7 +90,7 @@ def build(args, device: torch.device):
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     net, diffusion, cond, uncond, digits, what = build(args, device)
@@ -95,13 +98,14 @@ def main() -> None:
         raise UserError(f"--steps {max(args.steps)} exceeds the model's {diffusion.num_steps} training timesteps")
     judge = load_judge(device=device) if digits is not None else None
     options = dict(guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-                   spacing=args.spacing, threshold=args.threshold)
+                   spacing=args.spacing, threshold=args.threshold, bf16=use_bf16(args.precision, device))
     generate(net, diffusion, cond[:2], uncond, sampler="ddim", steps=1, **options)  # warm-up
 
     params = sum(p.numel() for p in net.parameters()) / 1e6
     print(f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} "
           f"(2 network calls per image-step), batch {args.batch_size}, {args.spacing} spacing, threshold "
-          f"{args.threshold}; {device.type} with {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+          f"{args.threshold}, {'bf16' if options['bf16'] else 'fp32'}; {device.type} with {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}\n")
     print("| sampler | steps | s / 100 images | images / s | accuracy |")
     print("|---|---:|---:|---:|---:|", flush=True)
     for name in args.samplers:

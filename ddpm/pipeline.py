@@ -34,7 +34,7 @@ def prompt_contexts(encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tens
 def generate(net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor, uncond: torch.Tensor, *,
              sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float = 8.0, seed: int = 0,
              batch_size: int = 256, first_index: int = 0, progress: Callable[[int], None] | None = None,
-             threshold: str = "clip", **sampler_options) -> torch.Tensor:
+             threshold: str = "clip", bf16: bool = False, **sampler_options) -> torch.Tensor:
     """Sample one image per row of ``cond`` ([N, L, D] text tokens) with classifier-free guidance.
 
     Images live in [-1, 1], so x0 predictions are clipped there by default (``threshold``): at the
@@ -43,6 +43,7 @@ def generate(net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor, uncon
 
     Image i starts from noise drawn by ``image_generator(seed, first_index + i)`` and uses that
     generator for all its sampling noise, so it is the same whatever the batch size.
+    ``bf16`` runs the network under bf16 autocast; the sampler's arithmetic stays in x_T's dtype.
     Returns [N, 1, 28, 28] in the model's data range ([-1, 1]).
     """
     device = cond.device
@@ -53,7 +54,8 @@ def generate(net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor, uncon
         gens = [image_generator(seed, first_index + start + i, device) for i in range(len(chunk))]
         x_T = torch.stack([torch.randn(1, 28, 28, generator=g, device=device) for g in gens])
         eps_fn = classifier_free_guidance(net, diffusion, chunk, uncond, guidance_scale)
-        out.append(sample_fn(eps_fn, x_T, diffusion, steps, generator=gens, threshold=threshold, **sampler_options))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(sample_fn(eps_fn, x_T, diffusion, steps, generator=gens, threshold=threshold, **sampler_options))
         if progress:
             progress(len(chunk))
     return torch.cat(out)

@@ -104,9 +104,8 @@ def evaluate_during_training(cfg: TrainConfig, net: torch.nn.Module, diffusion: 
     judge, reference = judge_and_reference(cfg.data_dir, table.device)
     plan = plan_prompts(cfg.eval_samples, {"seen": TRAIN_TEMPLATES})
     cond = table[rows[torch.as_tensor(plan.digits), torch.as_tensor(plan.template_index)]]
-    with torch.autocast(table.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        images = generate(net, diffusion, cond, table[:1], sampler=cfg.sampler, steps=cfg.sample_steps,
-                          guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+    images = generate(net, diffusion, cond, table[:1], sampler=cfg.sampler, steps=cfg.sample_steps,
+                      guidance_scale=cfg.guidance_scale, seed=cfg.seed, bf16=use_bf16)
     seen = score(to_uint8(images), plan, judge, reference)["sets"]["seen"]
     return {"eval_accuracy": seen["accuracy"], "eval_fmd": seen["fmd"], "eval_fmd_floor": seen["fmd_floor"],
             "eval_samples": seen["samples"], "eval_seconds": time.perf_counter() - start}

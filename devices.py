@@ -1,0 +1,50 @@
+"""Which device to run on and whether to autocast to bf16 there: one rule for training, sampling,
+evaluation and the benchmarks."""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def pick_device(flag: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a UserError."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag != "cpu" and not re.fullmatch(r"cuda(:\d+)?", flag):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+    if flag.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {flag} asked for CUDA but none is available; use --device cpu")
+    return torch.device(flag)
+
+
+@lru_cache(maxsize=None)
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU multiplies bf16 in hardware (its flags list AVX512-BF16 or AMX-BF16).
+
+    Elsewhere bf16 autocast on the CPU is emulated and slower than fp32, so ``auto`` keeps fp32;
+    so does a system without /proc/cpuinfo.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"^flags\s*:.*\b(avx512_bf16|amx_bf16)\b", text, flags=re.MULTILINE) is not None
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to autocast to bf16: ``bf16`` always, ``fp32`` never, ``auto`` where the hardware
+    does bf16 natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()

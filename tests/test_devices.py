@@ -1,0 +1,59 @@
+"""Device and precision choice: one rule shared by train.py, sample.py, evaluate.py and the benchmarks."""
+import pytest
+import torch
+
+import devices
+from ddpm import GaussianDiffusion, cosine_beta_schedule, generate
+from errors import UserError
+
+FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra} lm\nbugs\t\t: none\n"
+
+
+@pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True),
+                                           ("avx512_vnni", False), ("", False)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, extra, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(FLAGS.format(extra=extra))
+    assert devices.cpu_has_native_bf16(cpuinfo) is native
+
+
+def test_no_cpuinfo_means_no_native_bf16(tmp_path):
+    assert devices.cpu_has_native_bf16(tmp_path / "absent") is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_the_cpu_follows_the_hardware(monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert devices.use_bf16("auto", cpu) is native
+    assert devices.use_bf16("bf16", cpu) is True
+    assert devices.use_bf16("fp32", cpu) is False
+
+
+def test_unknown_precision_and_device_are_user_errors():
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16"):
+        devices.use_bf16("fp16", torch.device("cpu"))
+    with pytest.raises(UserError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        devices.pick_device("gpu")
+    assert devices.pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_names_the_fix():
+    with pytest.raises(UserError, match="use --device cpu"):
+        devices.pick_device("cuda:1")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_generate_runs_the_network_under_bf16_autocast_only_when_asked(bf16):
+    seen = []
+
+    def net(x, t, context):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.nn.functional.linear(x.flatten(1), torch.eye(784)).view_as(x) * 0.0
+
+    diffusion = GaussianDiffusion(cosine_beta_schedule(1000))
+    cond, uncond = torch.zeros(3, 8, 512), torch.zeros(1, 8, 512)
+    images = generate(net, diffusion, cond, uncond, steps=3, guidance_scale=2.0, bf16=bf16)
+    assert set(seen) == {bf16}
+    assert images.dtype == torch.float32 and images.shape == (3, 1, 28, 28)
