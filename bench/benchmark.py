@@ -264,8 +264,9 @@ def epoch_images(args: argparse.Namespace, device: torch.device) -> int:
     return 0 if device.type == "cuda" else (1024 if args.quick else 4096)
 
 
-def run_train(device: torch.device, images: int, output_dir: Path) -> tuple[float, list[dict]]:
-    """Run train.py for one epoch; (start-up seconds, its metrics.jsonl records)."""
+def run_train(args: argparse.Namespace, device: torch.device, images: int, output_dir: Path) -> tuple[float, list[dict]]:
+    """Run train.py for one epoch with the benchmark's precision and compile flags; (start-up seconds,
+    its metrics.jsonl records)."""
     cmd = [sys.executable, "-u", str(ROOT / "train.py"), "--output_dir", str(output_dir), "--device", str(device),
            "--num_epochs", "1", "--train_subset", str(images), "--samples_per_digit", "1", "--sample_steps", "1",
            "--eval_every", "0", "--precision", args.precision, "--compile", args.compile]
@@ -288,7 +289,7 @@ def epoch_time(args: argparse.Namespace, device: torch.device) -> dict:
     """Start-up and the wall time of one epoch of the default config, measured or extrapolated."""
     images = epoch_images(args, device)
     with tempfile.TemporaryDirectory() as tmp:
-        startup, records = run_train(device, images, Path(tmp))
+        startup, records = run_train(args, device, images, Path(tmp))
     epoch = next(r for r in records if "epoch_seconds" in r)
     result = {"startup_s": round(startup, 1), "images": images or MNIST_TRAIN_IMAGES,
               "loop_s": round(epoch["epoch_seconds"], 1)}

@@ -1,30 +1,12 @@
 """sample.py's sampling flags, in process, on an untrained tiny checkpoint (the outputs are noise;
 what is checked is where they go and what reaches the sampler)."""
-from dataclasses import asdict
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import sample
-from config import TrainConfig
 from errors import UserError
-from models.checkpoint import save_checkpoint
-from models.ema import EMA
-from models.loading import unet_from_config
-from models.text_encoder import build_text_encoder
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    cfg = asdict(TrainConfig(widths=[16, 32], attention=[False, True], layers_per_block=1, head_dim=16,
-                             text_encoder="random"))
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_epoch_0001.pt"
-    save_checkpoint({"config": cfg, "ema": EMA(unet_from_config(cfg), 0.9).state_dict(), "epoch": 1,
-                     "text_encoder": build_text_encoder("random", seed=0).record}, path)
-    return path
 
 
 def run_sample(monkeypatch, *args):
