@@ -11,6 +11,7 @@ import torch
 from errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_HELP = "network precision: auto = bf16 autocast where the hardware does bf16 natively, else fp32"
 
 
 def pick_device(flag: str) -> torch.device:

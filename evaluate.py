@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from config import CliParser, require_positive
-from devices import PRECISIONS, pick_device, use_bf16
 from data import EMPTY_PROMPT
 from data.images import to_uint8
 from ddpm import SAMPLERS, generate
+from devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from errors import UserError, run_cli
 from evaluation.judge import JUDGE_PATH, judge_record
 from evaluation.report import plot_sweep, result_tables, sweep_table
@@ -57,8 +57,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="network precision: auto = bf16 autocast where the hardware does bf16, else fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     args = p.parse_args(argv)
     require_positive(args, ("num_samples", "steps", "batch_size"))
     args.guidance_scale = parse_scales(args.guidance_scale)

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from config import DEFAULT_CONFIG, CliParser, TrainConfig, read_yaml_config  # noqa: E402
-from devices import PRECISIONS, pick_device, use_bf16  # noqa: E402
 from ddpm import SAMPLERS, generate  # noqa: E402
+from devices import PRECISIONS, pick_device, use_bf16  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from fileio import atomic_write, check_writable  # noqa: E402
 from models.loading import diffusion_from_config, unet_from_config  # noqa: E402

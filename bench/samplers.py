@@ -25,7 +25,7 @@ from config import CliParser, TrainConfig  # noqa: E402
 from data import EMPTY_PROMPT, TRAIN_TEMPLATES  # noqa: E402
 from data.images import to_uint8  # noqa: E402
 from ddpm import SAMPLERS, SPACINGS, THRESHOLDS, generate, prompt_contexts  # noqa: E402
-from devices import PRECISIONS, pick_device, use_bf16  # noqa: E402
+from devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from evaluation.judge import judge_images, load_judge  # noqa: E402
 from evaluation.metrics import conditional_accuracy  # noqa: E402
@@ -54,8 +54,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--threshold", choices=THRESHOLDS, default="clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (the benchmark's setting) or cuda")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="network precision: auto = bf16 autocast where the hardware does bf16, else fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     args = p.parse_args(argv)
     args.samplers = comma_list(args.samplers, str, "--samplers")
