@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from config import CliParser, require_positive
-from devices import PRECISIONS, pick_device, use_bf16
 from data import EMPTY_PROMPT
 from data.images import save_grid, save_images, to_uint8
 from data.trajectory import TrajectoryRecorder
 from ddpm import SAMPLERS, SPACINGS, THRESHOLDS, generate, prompt_contexts
+from devices import PRECISIONS, pick_device, use_bf16
 from errors import UserError, run_cli
 from fileio import check_writable
 from models.checkpoint import latest_checkpoint
