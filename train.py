@@ -212,7 +212,7 @@ def main() -> None:
 
     model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=100, gradient_as_bucket_view=True) if world_size > 1 else net
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    compiled = devices.use_compile(cfg.compile, device)
     forward = torch.compile(model) if compiled else model
     if master:
         n_params = sum(p.numel() for p in net.parameters())

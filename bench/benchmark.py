@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from config import DEFAULT_CONFIG, CliParser, TrainConfig, read_yaml_config  # noqa: E402
 from ddpm import SAMPLERS, generate  # noqa: E402
-from devices import PRECISIONS, pick_device, use_bf16  # noqa: E402
+from devices import PRECISIONS, pick_device, use_bf16, use_compile  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from fileio import atomic_write, check_writable  # noqa: E402
 from models.loading import diffusion_from_config, unet_from_config  # noqa: E402
@@ -141,7 +141,7 @@ class TrainingStep:
 
 def settings(args: argparse.Namespace, device: torch.device) -> tuple[bool, bool]:
     """(bf16 autocast, torch.compile), as train.py picks them unless the flags say otherwise."""
-    return use_bf16(args.precision, device), args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    return use_bf16(args.precision, device), use_compile(args.compile, device)
 
 
 # ----------------------------------------------------------------------------- memory
