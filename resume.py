@@ -21,9 +21,11 @@ import torch.distributed as dist
 from errors import UserError
 from fileio import atomic_write
 from models.checkpoint import latest_checkpoint, load_checkpoint
+from models.loading import with_layout_defaults
 
 # Config keys that fix the shapes and meaning of the weights: they must match to resume at all.
-ARCHITECTURE_KEYS = ("widths", "attention", "layers_per_block", "head_dim", "num_train_timesteps", "prediction")
+ARCHITECTURE_KEYS = ("widths", "attention", "layers_per_block", "head_dim", "ff_mult", "extra_up_block", "patch_size",
+                     "num_train_timesteps", "prediction")
 # Config keys that fix the data order within an epoch: they must match to resume mid-epoch.
 DATA_ORDER_KEYS = ("seed", "train_subset", "batch_size")
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "rng", "epoch", "epoch_step", "steps_per_epoch", "step",
@@ -94,7 +96,8 @@ def load_resumable(path: Path, cfg: dict[str, Any], world_size: int) -> dict[str
     if missing:
         raise UserError(f"{path} cannot be resumed: it lacks {', '.join(missing)} (an older train.py wrote it); "
                         "start fresh, or only sample from it")
-    _require_same(path, state["config"], cfg, ARCHITECTURE_KEYS, "the config it was trained with (same --config)")
+    _require_same(path, with_layout_defaults(state["config"]), cfg, ARCHITECTURE_KEYS,
+                  "the config it was trained with (same --config)")
     if state["epoch_step"] < state["steps_per_epoch"]:
         saved, now = {**state["config"], "world_size": state["world_size"]}, {**cfg, "world_size": world_size}
         _require_same(path, saved, now, DATA_ORDER_KEYS + ("world_size",),

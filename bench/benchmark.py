@@ -14,7 +14,8 @@ CLIP: the time does not depend on their values. The peer needs ``pip install -e 
 (diffusers); without it the peer row says so and the rest runs.
 
 Sampling: images/s for guided images (2 network rows per image-step) at 20 steps per sampler, with
-a fresh default UNet (every step costs what a trained one costs).
+a fresh UNet (every step costs what a trained one costs) of the default config and of
+configs/cpu.yaml, the model a laptop CPU trains and samples.
 
 Epoch: train.py run as a subprocess on the default config: start-up (process start to the first
 training step) and the training loop's wall time, measured over a whole epoch or extrapolated from
@@ -49,6 +50,7 @@ from fileio import atomic_write, check_writable  # noqa: E402
 from models.loading import diffusion_from_config, unet_from_config  # noqa: E402
 
 MNIST_TRAIN_IMAGES = 60_000
+SAMPLING_CONFIGS = (DEFAULT_CONFIG, ROOT / "configs" / "cpu.yaml")
 SEED_REPORT = "seed notebook: 2 h for 5 epochs on one GPU (about 42 img/s)"
 
 
@@ -90,9 +92,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def default_config() -> TrainConfig:
-    """train.py's defaults: configs/mnist.yaml over the TrainConfig fields."""
-    return TrainConfig(**read_yaml_config(DEFAULT_CONFIG))
+def default_config(path: Path = DEFAULT_CONFIG) -> TrainConfig:
+    """train.py's defaults: configs/mnist.yaml (or ``path``) over the TrainConfig fields."""
+    return TrainConfig(**read_yaml_config(path))
 
 
 # ----------------------------------------------------------------------------- models
@@ -231,9 +233,10 @@ def training_throughput(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------- sampling
-def sampling_throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Guided images/s per sampler at ``--sample_steps``, one batch of ``--sample_images``."""
-    cfg = default_config()
+def sampling_throughput(args: argparse.Namespace, device: torch.device, config: Path) -> list[dict]:
+    """Guided images/s per sampler at ``--sample_steps``, one batch of ``--sample_images``, for the model
+    of ``config``."""
+    cfg = default_config(config)
     torch.manual_seed(0)
     net = unet_from_config(asdict(cfg)).to(device).eval().requires_grad_(False)
     diffusion = diffusion_from_config(asdict(cfg))
@@ -252,8 +255,9 @@ def sampling_throughput(args: argparse.Namespace, device: torch.device) -> list[
     rows = []
     for sampler in SAMPLERS:
         seconds = run(sampler, tokens[1:])
-        rows.append({"sampler": sampler, "images": args.sample_images, "steps": args.sample_steps,
-                     "seconds": round(seconds, 2), "img_per_s": round(args.sample_images / seconds, 2)})
+        rows.append({"config": config.name, "sampler": sampler, "images": args.sample_images,
+                     "steps": args.sample_steps, "seconds": round(seconds, 2),
+                     "img_per_s": round(args.sample_images / seconds, 2)})
     return rows
 
 
@@ -331,9 +335,10 @@ def print_report(r: dict) -> None:
     if r.get("ratio"):
         print(f"\nours / peer: {r['ratio']:.2f}x training images/s (same batch, interleaved steps, median)")
     if r.get("sampling"):
-        print("\n| sampler | images | steps | s | images/s |\n|---|---:|---:|---:|---:|")
+        print("\n| model | sampler | images | steps | s | images/s |\n|---|---|---:|---:|---:|---:|")
         for s in r["sampling"]:
-            print(f"| {s['sampler']} | {s['images']} | {s['steps']} | {s['seconds']:.2f} | {s['img_per_s']:.1f} |")
+            print(f"| {s['config']} | {s['sampler']} | {s['images']} | {s['steps']} | {s['seconds']:.2f} | "
+                  f"{s['img_per_s']:.1f} |")
     if r.get("epoch"):
         e = r["epoch"]
         print(f"\ntrain.py, default config: start-up {e['startup_s']:.1f} s; one epoch of {MNIST_TRAIN_IMAGES} "
@@ -356,7 +361,7 @@ def main() -> None:
                "batch_size": args.batch_size, "bf16": bf16, "compile": compiled, "quick": args.quick,
                **training_throughput(args, device)}
     if "sampling" not in args.skip:
-        results["sampling"] = sampling_throughput(args, device)
+        results["sampling"] = [row for config in SAMPLING_CONFIGS for row in sampling_throughput(args, device, config)]
     if "epoch" not in args.skip:
         results["epoch"] = epoch_time(args, device)
     print_report(results)

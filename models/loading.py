@@ -14,15 +14,22 @@ from models.text_encoder import TextEncoder, build_text_encoder, check_compatibl
 from models.unet import UNet, UNetConfig
 
 
-def unet_from_config(cfg: Mapping[str, Any]) -> UNet:
-    """The UNet described by a training config (a TrainConfig's fields, as a dict).
+# What a saved config meant by the keys it lacks: the UNet layout of the time before each key existed.
+LAYOUT_BEFORE_KEYS = {"ff_mult": 4, "extra_up_block": True, "patch_size": 1}
 
-    Configs saved before ``ff_mult`` and ``extra_up_block`` existed describe the layout of that time.
-    """
+
+def with_layout_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved training config with the layout keys it predates filled in (LAYOUT_BEFORE_KEYS)."""
+    return {**LAYOUT_BEFORE_KEYS, **cfg}
+
+
+def unet_from_config(cfg: Mapping[str, Any]) -> UNet:
+    """The UNet described by a training config (a TrainConfig's fields, as a dict)."""
+    cfg = with_layout_defaults(cfg)
     return UNet(UNetConfig(widths=tuple(cfg["widths"]), attention=tuple(cfg["attention"]),
                            layers_per_block=cfg["layers_per_block"], head_dim=cfg["head_dim"],
-                           dropout=cfg["dropout"], ff_mult=cfg.get("ff_mult", 4),
-                           extra_up_block=cfg.get("extra_up_block", True)))
+                           dropout=cfg["dropout"], ff_mult=cfg["ff_mult"], extra_up_block=cfg["extra_up_block"],
+                           patch_size=cfg["patch_size"]))
 
 
 def diffusion_from_config(cfg: Mapping[str, Any]) -> GaussianDiffusion:

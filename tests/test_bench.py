@@ -25,7 +25,8 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     assert report["device"] == "cpu" and report["batch_size"] == 4 and report["bf16"] is False
     assert report["ours"]["train_img_per_s"] > 0 and report["ours"]["params_m"] > 2
     assert "skipped" in report["peer"]
-    assert [row["sampler"] for row in report["sampling"]] == list(SAMPLERS)
+    assert [(row["config"], row["sampler"]) for row in report["sampling"]] == [
+        (config, sampler) for config in ("mnist.yaml", "cpu.yaml") for sampler in SAMPLERS]
     assert all(row["images"] == 2 and row["steps"] == 2 and row["seconds"] > 0 for row in report["sampling"])
     epoch = report["epoch"]
     assert epoch["images"] == 512 and epoch["startup_s"] > 0 and epoch["epoch_s"] > epoch["loop_s"] > 0

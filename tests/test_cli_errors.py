@@ -62,6 +62,8 @@ CASES = [
     Case("train-sample-steps-over-timesteps", "train.py", ("--sample_steps", "1001"),
          r"--sample_steps 1001 exceeds --num_train_timesteps 1000; use at most 1000"),
     Case("train-unknown-choice", "train.py", ("--prediction", "x0"), r"--prediction must be one of eps, v, got 'x0'"),
+    Case("train-patches-do-not-halve", "train.py", ("--patch_size", "2"),
+         r"--patch_size 2 with 3 --widths levels: .* use patch_size 1 with up to 3 levels, 2 with up to 2"),
     Case("train-world-size-splits-no-batch", "train.py", ("--global_batch_size", "64"),
          r"--global_batch_size 64 does not split evenly over world size 3; use a multiple of 3",
          env={"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}, process=True),
@@ -89,6 +91,8 @@ CASES = [
     Case("train-resume-other-architecture", "train.py", ("--config", TINY, "--output_dir", "{new}", "--resume", "{run}"),
          r"was written with widths=\[8, 16\] but this run has widths=\[16, 32\]; resume with the config it was trained "
          r"with"),
+    Case("train-resume-other-patch-size", "train.py", (*MICRO, "--patch_size", "2", "--output_dir", "{new}", "--resume", "{run}"),
+         r"was written with patch_size=1 but this run has patch_size=2; resume with the config it was trained with"),
     Case("train-resume-other-text-encoder", "train.py",
          (*MICRO, "--text_encoder_seed", "1", "--output_dir", "{new}", "--resume", "{run}"),
          r"checkpoint was trained with text encoder 'random' \(seed=0\) but 'random' \(seed=1\) is loaded now; "

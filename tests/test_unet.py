@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from models.ema import EMA
 from models.unet import UNet, UNetConfig, Upsample, attention, plain_attention, timestep_embedding
@@ -62,6 +63,22 @@ def test_upsample_equals_nearest_then_conv(channels_in, channels_out, size):
     want = torch.autograd.grad(expected, [x, up.weight, up.bias], grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+
+
+def test_patches_equal_a_unet_on_rearranged_pixels():
+    """patch_size 2 is the same UNet run on 14x14 maps whose 4 channels are each 2x2 patch's pixels
+    (einops, independently of pixel_(un)shuffle), with its 4 output channels put back as pixels."""
+    torch.manual_seed(0)
+    cfg = dict(widths=(16, 32), attention=(False, True), layers_per_block=1, head_dim=16)
+    patched, on_patches = UNet(UNetConfig(**cfg, patch_size=2)), UNet(UNetConfig(**cfg, in_channels=4))
+    for module in patched.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    on_patches.load_state_dict(patched.state_dict())
+    x, t, ctx = torch.randn(2, 1, 28, 28), torch.tensor([3, 700]), torch.randn(2, 8, 512)
+    patches = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
+    expected = rearrange(on_patches(patches, t, ctx), "b (c p q) h w -> b c (h p) (w q)", p=2, q=2)
+    torch.testing.assert_close(patched(x, t, ctx), expected)
 
 
 def reference_attention(q, k, v):
