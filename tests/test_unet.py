@@ -1,12 +1,17 @@
 """UNet and EMA behaviour."""
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from config import TrainConfig, read_yaml_config
 from models.ema import EMA
+from models.loading import unet_from_config
 from models.unet import UNet, UNetConfig, Upsample, attention, plain_attention, timestep_embedding
+from tests.conftest import ROOT
 
 
 def test_timestep_embedding_closed_form():
@@ -79,6 +84,14 @@ def test_patches_equal_a_unet_on_rearranged_pixels():
     patches = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
     expected = rearrange(on_patches(patches, t, ctx), "b (c p q) h w -> b c (h p) (w q)", p=2, q=2)
     torch.testing.assert_close(patched(x, t, ctx), expected)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_is_valid_and_maps_digits_to_digits(path):
+    cfg = TrainConfig(**read_yaml_config(path))
+    cfg.validate()
+    net = unet_from_config(asdict(cfg))
+    assert net(torch.randn(2, 1, 28, 28), torch.tensor([0, 999]), torch.randn(2, 8, 512)).shape == (2, 1, 28, 28)
 
 
 def reference_attention(q, k, v):
