@@ -92,8 +92,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def default_config(path: Path = DEFAULT_CONFIG) -> TrainConfig:
-    """train.py's defaults: configs/mnist.yaml (or ``path``) over the TrainConfig fields."""
+def config_file(path: Path = DEFAULT_CONFIG) -> TrainConfig:
+    """A config file over the TrainConfig fields; by default train.py's, configs/mnist.yaml."""
     return TrainConfig(**read_yaml_config(path))
 
 
@@ -204,7 +204,7 @@ def time_interleaved(steps: dict[str, TrainingStep], device: torch.device, warmu
 
 def training_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     """Ours and the peer's images/s, step time and peak memory at the same batch, and their ratio."""
-    cfg = default_config()
+    cfg = config_file()
     ours = unet_from_config(asdict(cfg))
     steps = {"ours": TrainingStep(ours, cfg, args, device)}
     results: dict = {"ours": {"model": f"UNet widths {tuple(cfg.widths)}, layers_per_block {cfg.layers_per_block}"}}
@@ -236,7 +236,7 @@ def training_throughput(args: argparse.Namespace, device: torch.device) -> dict:
 def sampling_throughput(args: argparse.Namespace, device: torch.device, config: Path) -> list[dict]:
     """Guided images/s per sampler at ``--sample_steps``, one batch of ``--sample_images``, for the model
     of ``config``."""
-    cfg = default_config(config)
+    cfg = config_file(config)
     torch.manual_seed(0)
     net = unet_from_config(asdict(cfg)).to(device).eval().requires_grad_(False)
     diffusion = diffusion_from_config(asdict(cfg))
@@ -275,7 +275,7 @@ def run_train(args: argparse.Namespace, device: torch.device, images: int, outpu
            "--num_epochs", "1", "--train_subset", str(images), "--samples_per_digit", "1", "--sample_steps", "1",
            "--eval_every", "0", "--precision", args.precision, "--compile", args.compile]
     if images:  # four log windows: the first holds the warm-up, the rest give the steady rate
-        cmd += ["--log_every", str(max(1, images // default_config().batch_size // 4))]
+        cmd += ["--log_every", str(max(1, images // config_file().batch_size // 4))]
     start = time.perf_counter()
     startup, tail = None, []
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -300,7 +300,7 @@ def epoch_time(args: argparse.Namespace, device: torch.device) -> dict:
     if not images:
         return {**result, "epoch_s": result["loop_s"], "how": "measured: one whole epoch"}
     windows = [r for r in records if "img_per_s" in r]
-    batch = default_config().batch_size
+    batch = config_file().batch_size
     full_steps, steps = MNIST_TRAIN_IMAGES // batch, images // batch
     first_steps = windows[0]["step"]
     first_s = first_steps * batch / windows[0]["img_per_s"]
