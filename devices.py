@@ -53,5 +53,5 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 def use_compile(flag: str, device: torch.device) -> bool:
     """Whether to torch.compile: ``on`` always, ``off`` never, ``auto`` on CUDA only (on this
-    project's CPU it gained 8% for 45 s of compiling)."""
+    project's 2-core CPU a cpu.yaml training step gained 1.18x, after 90 s of compiling)."""
     return flag == "on" or (flag == "auto" and device.type == "cuda")
