@@ -103,8 +103,8 @@ def main() -> None:
     params = sum(p.numel() for p in net.parameters()) / 1e6
     print(f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} "
           f"(2 network calls per image-step), batch {args.batch_size}, {args.spacing} spacing, threshold "
-          f"{args.threshold}, {'bf16' if options['bf16'] else 'fp32'}; {device.type} with {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}\n")
+          f"{args.threshold}, {'bf16' if options['bf16'] else 'fp32'}; {device.type} with "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| sampler | steps | s / 100 images | images / s | accuracy |")
     print("|---|---:|---:|---:|---:|", flush=True)
     for name in args.samplers:
