@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import constants as hub_constants
 
-from config import CliParser, TrainConfig, parse_train_args
 from data import load_mnist, mnist_cache_dir
 from data.mnist import IDX_FILES, WHEEL_NAME
-from errors import UserError, run_cli
-from fileio import check_writable
+from runtime.errors import UserError, run_cli
+from runtime.files import check_writable
+from runtime.flags import CliParser
+from training.config import TrainConfig, parse_train_args
 
 PREFETCH = "run `python prefetch.py` once on a machine with internet (a login node) sharing this file system"
 

@@ -20,19 +20,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import CliParser, require_positive
 from data import EMPTY_PROMPT
 from data.images import to_uint8
-from ddpm import SAMPLERS, generate
-from devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
-from errors import UserError, run_cli
+from data.shapes import IMAGE_SHAPE
+from ddpm import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, generate
 from evaluation.judge import JUDGE_PATH, judge_record
-from evaluation.report import plot_sweep, result_tables, sweep_table
 from evaluation.reference import RealReference
+from evaluation.report import plot_sweep, result_tables, sweep_table
 from evaluation.suite import PromptPlan, judge_and_reference, plan_prompts, score
-from fileio import atomic_write, check_writable
-from models.checkpoint import latest_checkpoint
 from models.loading import TrainedModel, load_trained_model
+from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
+from runtime.errors import UserError, run_cli
+from runtime.files import atomic_write, check_writable
+from runtime.flags import CliParser, require_positive
+from training.checkpoints import latest_checkpoint
 
 
 def parse_scales(text: str) -> list[float]:
@@ -50,9 +51,10 @@ def parse_args(argv: list[str]):
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
     p.add_argument("--output_dir", type=Path, default=Path("outputs/mnist"), help="training output folder")
     p.add_argument("--num_samples", type=int, default=100, help="images per digit for each prompt set")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--guidance_scale", default="8", help="classifier-free guidance scale, or a comma list to sweep")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps")
+    p.add_argument("--guidance_scale", default=f"{DEFAULT_SAMPLING.guidance_scale:g}",
+                   help="classifier-free guidance scale, or a comma list to sweep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
@@ -82,9 +84,9 @@ def plan_contexts(model: TrainedModel, plan: PromptPlan) -> tuple[torch.Tensor, 
 def sample_images(model: TrainedModel, cond: torch.Tensor, uncond: torch.Tensor, scale: float, args):
     """uint8 [N, 28, 28], one image per row of ``cond``, with a progress bar on stderr."""
     with tqdm(total=len(cond), desc=f"guidance {scale:g}", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-        images = generate(model.net, model.diffusion, cond, uncond, sampler=args.sampler, steps=args.steps,
-                          guidance_scale=scale, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
-                          bf16=args.bf16)
+        options = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance_scale=scale)
+        images = generate(model.net, model.diffusion, cond, uncond, options, image_shape=IMAGE_SHAPE, seed=args.seed,
+                          batch_size=args.batch_size, progress=bar.update, bf16=args.bf16)
     return to_uint8(images)
 
 
@@ -101,7 +103,7 @@ def build_report(args, model: TrainedModel, device: torch.device, judge: dict, r
         "reference": {"data": "MNIST test set split per digit into halves A and B; samples are compared "
                               "with B, the floor is A (as many images per digit as the samples) vs B",
                       "half_a_images": len(reference.floor_labels), "half_b_images": reference.reference_images},
-        "results": results, "wall_seconds": seconds, "train_config": model.config,
+        "results": results, "wall_seconds": seconds, "train_config": model.config.to_flat(),
     }
 
 

@@ -15,10 +15,10 @@ import sys
 
 from huggingface_hub.constants import HF_HUB_CACHE
 
-from config import CliParser
 from data import load_mnist, mnist_cache_dir
-from errors import UserError, run_cli
 from models.text_encoder import build_text_encoder
+from runtime.errors import UserError, run_cli
+from runtime.flags import CliParser
 
 
 def main() -> None:

@@ -17,17 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-from config import CliParser, require_positive
 from data import EMPTY_PROMPT
 from data.images import save_grid, save_images, to_uint8
+from data.shapes import IMAGE_SHAPE
 from data.trajectory import TrajectoryRecorder
-from ddpm import SAMPLERS, SPACINGS, THRESHOLDS, generate, prompt_contexts
-from devices import PRECISIONS, pick_device, use_bf16
-from errors import UserError, run_cli
-from fileio import check_writable
-from models.checkpoint import latest_checkpoint
+from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, SamplingOptions, generate, prompt_contexts
 from models.loading import load_trained_model
 from models.text_encoder import CONTEXT_LENGTH, truncated_prompt
+from runtime.devices import PRECISIONS, pick_device, use_bf16
+from runtime.errors import UserError, run_cli
+from runtime.files import check_writable
+from runtime.flags import CliParser, require_positive
+from training.checkpoints import latest_checkpoint
 
 
 def parse_args(argv: list[str]):
@@ -36,13 +37,14 @@ def parse_args(argv: list[str]):
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
     p.add_argument("--output_dir", type=Path, default=Path("outputs/mnist"), help="training output folder")
     p.add_argument("--num_samples", type=int, default=8, help="images per prompt")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (network calls per image)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps (network calls per image)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as ancestral DDPM; ddim only")
-    p.add_argument("--spacing", choices=SPACINGS, default="trailing", help="which timesteps the steps visit")
-    p.add_argument("--threshold", choices=THRESHOLDS, default="clip",
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SAMPLING.spacing, help="which timesteps the steps visit")
+    p.add_argument("--threshold", choices=THRESHOLDS, default=DEFAULT_SAMPLING.threshold,
                    help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding")
-    p.add_argument("--guidance_scale", type=float, default=8.0, help="classifier-free guidance scale s")
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_SAMPLING.guidance_scale,
+                   help="classifier-free guidance scale s")
     p.add_argument("--negative_prompt", default=EMPTY_PROMPT,
                    help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half")
     p.add_argument("--allow_truncation", action="store_true",
@@ -112,11 +114,9 @@ def output_paths(args) -> tuple[Path, Path | None, Path | None]:
     return out, folder, gif
 
 
-def sampler_options(args) -> dict:
-    options = {"spacing": args.spacing, "threshold": args.threshold}
-    if args.eta is not None:
-        options["eta"] = args.eta
-    return options
+def sampling_options(args) -> SamplingOptions:
+    return SamplingOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
+                           spacing=args.spacing, threshold=args.threshold, eta=args.eta)
 
 
 def warn_about_negative_prompt(args) -> None:
@@ -141,12 +141,12 @@ def main() -> None:
     recorder = TrajectoryRecorder(args.steps) if gif else None
     bf16 = use_bf16(args.precision, device)
     start = time.perf_counter()
-    images = generate(model.net, model.diffusion, cond, uncond, sampler=args.sampler, steps=args.steps,
-                      guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-                      callback=recorder, bf16=bf16, **sampler_options(args))
+    images = generate(model.net, model.diffusion, cond, uncond, sampling_options(args), image_shape=IMAGE_SHAPE,
+                      seed=args.seed, batch_size=args.batch_size, callback=recorder, bf16=bf16)
     elapsed = time.perf_counter() - start
     digits = to_uint8(images)
-    save_grid(list(digits.reshape(len(args.prompt), args.num_samples, 28, 28)), [f'"{p}"' for p in args.prompt], out)
+    save_grid(list(digits.reshape(len(args.prompt), args.num_samples, *IMAGE_SHAPE[1:])), [f'"{p}"' for p in args.prompt],
+              out)
     if folder:
         names = [f"{i:04d}_{slug(args.prompt[i // args.num_samples])}.png" for i in range(len(digits))]
         save_images(digits, names, folder)

@@ -1,8 +1,8 @@
 """Speed benchmark: our UNet against the seed's, sampling, and a real train.py epoch. A benchmark, not a test.
 
-    python bench/benchmark.py                        # everything, on CUDA when present, else the CPU
-    python bench/benchmark.py --quick                # a few minutes on a 2-core CPU
-    python bench/benchmark.py --device cuda --json bench.json --batch_size 512
+    python -m bench.benchmark                        # everything, on CUDA when present, else the CPU
+    python -m bench.benchmark --quick                # a few minutes on a 2-core CPU
+    python -m bench.benchmark --device cuda --json bench.json --batch_size 512
 
 Training throughput: one step is what train.py does per batch (noise a batch with the cosine
 schedule, predict the noise conditioned on 8 text tokens of 512, MSE, backward, AdamW), timed for
@@ -32,22 +32,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from data.shapes import IMAGE_SHAPE, IMAGE_SIZE, TEXT_DIM, TEXT_TOKENS
+from ddpm import SAMPLERS, GaussianDiffusion, generate
+from models.unet import UNet
+from runtime.devices import COMPILE_CHOICES, PRECISIONS, pick_device, use_bf16, use_compile
+from runtime.errors import UserError, run_cli
+from runtime.files import atomic_write, check_writable
+from runtime.flags import CliParser
+from training.config import DEFAULT_CONFIG, TrainConfig, load_config_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/benchmark.py`
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from config import DEFAULT_CONFIG, CliParser, TrainConfig, read_yaml_config  # noqa: E402
-from ddpm import SAMPLERS, generate  # noqa: E402
-from devices import PRECISIONS, pick_device, use_bf16, use_compile  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-from fileio import atomic_write, check_writable  # noqa: E402
-from models.loading import diffusion_from_config, unet_from_config  # noqa: E402
 
 MNIST_TRAIN_IMAGES = 60_000
 SAMPLING_CONFIGS = (DEFAULT_CONFIG, ROOT / "configs" / "cpu.yaml")
@@ -56,7 +56,7 @@ SEED_REPORT = "seed notebook: 2 h for 5 epochs on one GPU (about 42 img/s)"
 
 # ----------------------------------------------------------------------------- settings
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = CliParser(prog="bench/benchmark.py", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m bench.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats, 10 sampled images, a short epoch")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps per model first (default 2, --quick 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="both models; auto = train.py's choice (bf16 autocast where the hardware does bf16)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile both models (auto: on CUDA); compile time is not timed")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--sample_images", type=int, help="guided images per sampler (default 100, --quick 10)")
@@ -92,21 +92,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def config_file(path: Path = DEFAULT_CONFIG) -> TrainConfig:
-    """A config file over the TrainConfig fields; by default train.py's, configs/mnist.yaml."""
-    return TrainConfig(**read_yaml_config(path))
-
-
 # ----------------------------------------------------------------------------- models
 def build_peer() -> torch.nn.Module:
     """The seed's UNet: diffusers' UNet2DConditionModel with the seed's config. ImportError without diffusers."""
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(
-        sample_size=28, in_channels=1, out_channels=1, layers_per_block=2,
+        sample_size=IMAGE_SIZE, in_channels=IMAGE_SHAPE[0], out_channels=IMAGE_SHAPE[0], layers_per_block=2,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=512)
+        cross_attention_dim=TEXT_DIM)
 
 
 class TrainingStep:
@@ -119,11 +114,11 @@ class TrainingStep:
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.net = net.to(device, memory_format=memory_format).train()
         self.forward = torch.compile(self.net) if compiled else self.net
-        self.unwrap, self.device, self.steps = unwrap, device, cfg.num_train_timesteps
+        self.unwrap, self.device, self.steps = unwrap, device, cfg.diffusion.num_train_timesteps
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, fused=True)  # as train.py
-        self.diffusion = diffusion_from_config(asdict(cfg))
-        self.x0 = torch.randn(args.batch_size, 1, 28, 28, device=device).contiguous(memory_format=memory_format)
-        self.context = torch.randn(args.batch_size, 8, 512, device=device)
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+        self.x0 = torch.randn(args.batch_size, *IMAGE_SHAPE, device=device).contiguous(memory_format=memory_format)
+        self.context = torch.randn(args.batch_size, TEXT_TOKENS, TEXT_DIM, device=device)
 
     def __call__(self) -> None:
         t = torch.randint(self.steps, (len(self.x0),), device=self.device)
@@ -204,10 +199,10 @@ def time_interleaved(steps: dict[str, TrainingStep], device: torch.device, warmu
 
 def training_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     """Ours and the peer's images/s, step time and peak memory at the same batch, and their ratio."""
-    cfg = config_file()
-    ours = unet_from_config(asdict(cfg))
+    cfg = load_config_file()
+    ours = UNet(cfg.model)
     steps = {"ours": TrainingStep(ours, cfg, args, device)}
-    results: dict = {"ours": {"model": f"UNet widths {tuple(cfg.widths)}, layers_per_block {cfg.layers_per_block}"}}
+    results: dict = {"ours": {"model": f"UNet widths {cfg.model.widths}, layers_per_block {cfg.model.layers_per_block}"}}
     if "peer" in args.skip:
         results["peer"] = {"skipped": "--skip peer"}
     else:
@@ -236,18 +231,20 @@ def training_throughput(args: argparse.Namespace, device: torch.device) -> dict:
 def sampling_throughput(args: argparse.Namespace, device: torch.device, config: Path) -> list[dict]:
     """Guided images/s per sampler at ``--sample_steps``, one batch of ``--sample_images``, for the model
     of ``config``."""
-    cfg = config_file(config)
+    cfg = load_config_file(config)
     torch.manual_seed(0)
-    net = unet_from_config(asdict(cfg)).to(device).eval().requires_grad_(False)
-    diffusion = diffusion_from_config(asdict(cfg))
-    tokens = torch.randn(args.sample_images + 1, 8, 512, generator=torch.Generator().manual_seed(0)).to(device)
+    net = UNet(cfg.model).to(device).eval().requires_grad_(False)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    tokens = torch.randn(args.sample_images + 1, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
     bf16, _ = settings(args, device)
-    options = dict(steps=args.sample_steps, guidance_scale=cfg.guidance_scale, batch_size=args.sample_images)
 
     def run(sampler: str, cond: torch.Tensor) -> float:
         sync(device)
         start = time.perf_counter()
-        generate(net, diffusion, cond, tokens[:1], sampler=sampler, bf16=bf16, **options)
+        options = cfg.sampling_options().replace(sampler=sampler, steps=args.sample_steps)
+        generate(net, diffusion, cond, tokens[:1], options, image_shape=IMAGE_SHAPE, batch_size=args.sample_images,
+                 bf16=bf16)
         sync(device)
         return time.perf_counter() - start
 
@@ -275,7 +272,7 @@ def run_train(args: argparse.Namespace, device: torch.device, images: int, outpu
            "--num_epochs", "1", "--train_subset", str(images), "--samples_per_digit", "1", "--sample_steps", "1",
            "--eval_every", "0", "--precision", args.precision, "--compile", args.compile]
     if images:  # four log windows: the first holds the warm-up, the rest give the steady rate
-        cmd += ["--log_every", str(max(1, images // config_file().batch_size // 4))]
+        cmd += ["--log_every", str(max(1, images // load_config_file().batch_size // 4))]
     start = time.perf_counter()
     startup, tail = None, []
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -300,7 +297,7 @@ def epoch_time(args: argparse.Namespace, device: torch.device) -> dict:
     if not images:
         return {**result, "epoch_s": result["loop_s"], "how": "measured: one whole epoch"}
     windows = [r for r in records if "img_per_s" in r]
-    batch = config_file().batch_size
+    batch = load_config_file().batch_size
     full_steps, steps = MNIST_TRAIN_IMAGES // batch, images // batch
     first_steps = windows[0]["step"]
     first_s = first_steps * batch / windows[0]["img_per_s"]

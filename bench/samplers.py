@@ -1,9 +1,9 @@
 """Sampler benchmark: wall time per 100 guided images for each sampler and step count, and the
 judge's conditional accuracy when a trained checkpoint is given. A benchmark, not a test.
 
-    python bench/samplers.py                                   # a fresh default UNet: timing only
-    python bench/samplers.py --checkpoint outputs/mnist/checkpoints/checkpoint_epoch_0005.pt
-    python bench/samplers.py --samplers ddim,dpmpp_2m --steps 10,20 --num_images 20 --threads 1
+    python -m bench.samplers                                   # a fresh default UNet: timing only
+    python -m bench.samplers --checkpoint outputs/mnist/checkpoints/checkpoint_epoch_0005.pt
+    python -m bench.samplers --samplers ddim,dpmpp_2m --steps 10,20 --num_images 20 --threads 1
 
 Without --checkpoint the network is a freshly initialised UNet of the default config with random
 prompt tokens: every step costs what a trained one costs, so the times hold, but there is no
@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python bench/samplers.py`
+import torch
 
-import torch  # noqa: E402
-
-from config import CliParser, TrainConfig  # noqa: E402
-from data import EMPTY_PROMPT, TRAIN_TEMPLATES  # noqa: E402
-from data.images import to_uint8  # noqa: E402
-from ddpm import SAMPLERS, SPACINGS, THRESHOLDS, generate, prompt_contexts  # noqa: E402
-from devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-from evaluation.judge import judge_images, load_judge  # noqa: E402
-from evaluation.metrics import conditional_accuracy  # noqa: E402
-from evaluation.suite import plan_prompts  # noqa: E402
-from models.loading import diffusion_from_config, load_trained_model, unet_from_config  # noqa: E402
+from data import EMPTY_PROMPT, TRAIN_TEMPLATES
+from data.images import to_uint8
+from data.shapes import IMAGE_SHAPE, NUM_DIGITS, TEXT_DIM, TEXT_TOKENS
+from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, GaussianDiffusion, generate, prompt_contexts
+from evaluation.judge import judge_images, load_judge
+from evaluation.metrics import conditional_accuracy
+from evaluation.suite import plan_prompts
+from models.loading import load_trained_model
+from models.unet import UNet
+from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
+from runtime.errors import UserError, run_cli
+from runtime.flags import CliParser
+from training.config import TrainConfig
 
 DEFAULT_STEPS = "10,20,50,100,1000"
 
@@ -43,15 +43,15 @@ def comma_list(text: str, kind: type, flag: str) -> list:
 
 
 def parse_args(argv: list[str]):
-    p = CliParser(prog="bench/samplers.py", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m bench.samplers", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, help="trained checkpoint: adds the judge's accuracy")
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma list of samplers")
     p.add_argument("--steps", default=DEFAULT_STEPS, help="comma list of step counts")
     p.add_argument("--num_images", type=int, default=100, help="images per run, a multiple of 10")
     p.add_argument("--batch_size", type=int, default=100, help="images per forward pass")
-    p.add_argument("--guidance_scale", type=float, default=8.0)
-    p.add_argument("--spacing", choices=SPACINGS, default="trailing")
-    p.add_argument("--threshold", choices=THRESHOLDS, default="clip")
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_SAMPLING.guidance_scale)
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SAMPLING.spacing)
+    p.add_argument("--threshold", choices=THRESHOLDS, default=DEFAULT_SAMPLING.threshold)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (the benchmark's setting) or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
@@ -66,8 +66,8 @@ def parse_args(argv: list[str]):
         raise UserError(f"--steps must all be at least 1, got {min(args.steps)}")
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0, got {args.threads}")
-    if args.num_images < 10 or args.num_images % 10 or args.batch_size < 1:
-        raise UserError(f"--num_images must be a positive multiple of 10 (got {args.num_images}) "
+    if args.num_images < NUM_DIGITS or args.num_images % NUM_DIGITS or args.batch_size < 1:
+        raise UserError(f"--num_images must be a positive multiple of {NUM_DIGITS} (got {args.num_images}) "
                         f"and --batch_size at least 1 (got {args.batch_size})")
     return args
 
@@ -77,14 +77,15 @@ def build(args, device: torch.device):
     a fresh default UNet on random tokens (digits None)."""
     if args.checkpoint:
         model = load_trained_model(args.checkpoint, device)
-        plan = plan_prompts(args.num_images // 10, {"seen": TRAIN_TEMPLATES})
+        plan = plan_prompts(args.num_images // NUM_DIGITS, {"seen": TRAIN_TEMPLATES})
         cond, uncond = prompt_contexts(model.encoder.encode, plan.prompts, 1, EMPTY_PROMPT)
         return model.net, model.diffusion, cond, uncond, plan.digits, f"{args.checkpoint} (epoch {model.epoch})"
-    cfg = asdict(TrainConfig())
+    cfg = TrainConfig()
     torch.manual_seed(args.seed)
-    net = unet_from_config(cfg).to(device).eval().requires_grad_(False)
-    tokens = torch.randn(args.num_images + 1, 8, 512, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    return net, diffusion_from_config(cfg), tokens[1:], tokens[:1], None, "fresh default UNet (untrained)"
+    net = UNet(cfg.model).to(device).eval().requires_grad_(False)
+    tokens = torch.randn(args.num_images + 1, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(args.seed))
+    return (net, GaussianDiffusion.from_config(cfg.diffusion), tokens[1:].to(device), tokens[:1].to(device), None,
+            "fresh default UNet (untrained)")
 
 
 def main() -> None:
@@ -96,21 +97,22 @@ def main() -> None:
     if max(args.steps) > diffusion.num_steps:
         raise UserError(f"--steps {max(args.steps)} exceeds the model's {diffusion.num_steps} training timesteps")
     judge = load_judge(device=device) if digits is not None else None
-    options = dict(guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-                   spacing=args.spacing, threshold=args.threshold, bf16=use_bf16(args.precision, device))
-    generate(net, diffusion, cond[:2], uncond, sampler="ddim", steps=1, **options)  # warm-up
+    bf16 = use_bf16(args.precision, device)
+    options = DEFAULT_SAMPLING.replace(guidance_scale=args.guidance_scale, spacing=args.spacing, threshold=args.threshold)
+    common = dict(image_shape=IMAGE_SHAPE, seed=args.seed, batch_size=args.batch_size, bf16=bf16)
+    generate(net, diffusion, cond[:2], uncond, options.replace(sampler="ddim", steps=1), **common)  # warm-up
 
     params = sum(p.numel() for p in net.parameters()) / 1e6
     print(f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} "
           f"(2 network calls per image-step), batch {args.batch_size}, {args.spacing} spacing, threshold "
-          f"{args.threshold}, {'bf16' if options['bf16'] else 'fp32'}; {device.type} with "
+          f"{args.threshold}, {'bf16' if bf16 else 'fp32'}; {device.type} with "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| sampler | steps | s / 100 images | images / s | accuracy |")
     print("|---|---:|---:|---:|---:|", flush=True)
     for name in args.samplers:
         for steps in args.steps:
             start = time.perf_counter()
-            images = to_uint8(generate(net, diffusion, cond, uncond, sampler=name, steps=steps, **options))
+            images = to_uint8(generate(net, diffusion, cond, uncond, options.replace(sampler=name, steps=steps), **common))
             seconds = time.perf_counter() - start  # to_uint8 copies to the CPU, so a GPU has finished
             accuracy = "–" if judge is None else f"{conditional_accuracy(judge_images(judge, images)[0], digits):.1%}"
             print(f"| {name} | {steps} | {seconds * 100 / len(images):.1f} | {len(images) / seconds:.1f} "

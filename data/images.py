@@ -1,15 +1,15 @@
 """Image output: [-1, 1] tensors to uint8, and labelled sample grids as PNG."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from fileio import atomic_write
+from runtime.files import atomic_write
 
 LABEL_CHARS = 24
 

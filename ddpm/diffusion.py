@@ -5,9 +5,22 @@ applied, so a bf16 or fp32 model never sees rounding in alpha_bar near t = T.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ddpm.schedule import cosine_beta_schedule
+
 PREDICTIONS = ("eps", "v")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The diffusion a model is trained for: the number of timesteps T of the cosine schedule, and
+    what the network predicts. Both fix the meaning of a model's weights."""
+
+    num_train_timesteps: int = 1000
+    prediction: str = field(default="eps", metadata={"choices": PREDICTIONS})
 
 
 class GaussianDiffusion:
@@ -34,6 +47,11 @@ class GaussianDiffusion:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig) -> GaussianDiffusion:
+        """The squared-cosine schedule (Nichol & Dhariwal 2021) of ``cfg.num_train_timesteps`` steps."""
+        return cls(cosine_beta_schedule(cfg.num_train_timesteps), prediction=cfg.prediction)
 
     def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] reshaped to broadcast over ``like`` ([B, ...]) and cast to its dtype."""

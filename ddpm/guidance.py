@@ -2,7 +2,7 @@
 network into the guided ``eps_fn`` every sampler takes."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -16,7 +16,7 @@ state x_t fed to the network and the (thresholded) x0 prediction. Every sampler 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from errors import UserError
+from data.shapes import NUM_DIGITS
+from runtime.errors import UserError
 
 JUDGE_PATH = Path(__file__).with_name("judge.pt")
 FEATURE_DIM = 128
@@ -38,7 +39,7 @@ class Judge(nn.Module):
             conv_block(1, 16, 5), conv_block(16, 32, 3), conv_block(32, 64, 3), nn.Flatten(),
             nn.Linear(64 * 3 * 3, FEATURE_DIM, bias=False), nn.BatchNorm1d(FEATURE_DIM), nn.ReLU(inplace=True),
         )
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(FEATURE_DIM, 10))
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(FEATURE_DIM, NUM_DIGITS))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The penultimate activations [N, 128]."""

@@ -8,7 +8,7 @@ symmetric eigendecompositions in float64 give it without scipy's sqrtm.
 """
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 

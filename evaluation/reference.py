@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.shapes import NUM_DIGITS
 from evaluation.judge import Judge, judge_images
 from evaluation.metrics import conditional_accuracy, frechet_distance, gaussian_stats
 
@@ -35,14 +36,14 @@ class RealReference:
 
         Half A holds about 450 images of each digit; a larger ``per_digit`` is capped there.
         """
-        take = np.concatenate([np.flatnonzero(self.floor_labels == d)[:per_digit] for d in range(10)])
+        take = np.concatenate([np.flatnonzero(self.floor_labels == d)[:per_digit] for d in range(NUM_DIGITS)])
         return self.distance(self.floor_features[take]), len(take)
 
 
 def split_halves(labels: np.ndarray, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Indices of halves A and B: each digit's images permuted, its first half to A, the rest to B."""
     rng = np.random.default_rng(seed)
-    halves = [rng.permutation(np.flatnonzero(labels == d)) for d in range(10)]
+    halves = [rng.permutation(np.flatnonzero(labels == d)) for d in range(NUM_DIGITS)]
     return (np.concatenate([h[:len(h) // 2] for h in halves]),
             np.concatenate([h[len(h) // 2:] for h in halves]))
 

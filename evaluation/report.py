@@ -1,9 +1,11 @@
 """Evaluation results as Markdown tables and a guidance-sweep plot (PIL only, no matplotlib)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
+
+from data.shapes import NUM_DIGITS
 
 SET_LABELS = {"seen": "seen wordings", "held-out": "held-out wordings", "all": "all"}
 
@@ -27,9 +29,9 @@ def result_tables(result: dict) -> str:
         [[SET_LABELS[name], s["samples"], percent(s["accuracy"]), f"{s['fmd']:.2f}", f"{s['fmd_floor']:.2f}"]
          for name, s in sets.items()], "lrrrr")
     by_digit = markdown_table(
-        ["accuracy by digit", *map(str, range(10))],
+        ["accuracy by digit", *map(str, range(NUM_DIGITS))],
         [[SET_LABELS[name], *map(percent, sets[name]["per_digit"])] for name in sets if name != "all"],
-        "l" + "r" * 10)
+        "l" + "r" * NUM_DIGITS)
     by_template = markdown_table(
         ["template", "prompts", "samples", "accuracy"],
         [[f"`{t['template']}`", t["set"], t["samples"], percent(t["accuracy"])] for t in result["per_template"]],

@@ -10,21 +10,23 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from data import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_mnist, prompts_for
 from data.images import to_uint8
+from data.shapes import IMAGE_SHAPE, NUM_DIGITS
 from ddpm import GaussianDiffusion, generate
 from evaluation.judge import Judge, judge_images, load_judge
 from evaluation.metrics import accuracy_by, conditional_accuracy
 from evaluation.reference import RealReference, real_reference
 
 if TYPE_CHECKING:
-    from config import TrainConfig
+    from training.config import TrainConfig
 
 PROMPT_SETS: Mapping[str, tuple[str, ...]] = {"seen": TRAIN_TEMPLATES, "held-out": HELDOUT_TEMPLATES}
 
@@ -45,7 +47,7 @@ def plan_prompts(per_digit: int, prompt_sets: Mapping[str, tuple[str, ...]] = PR
     and, when per_digit >= K, every digit gets every template."""
     prompts, digits, index, templates, sets = [], [], [], [], []
     for name, set_templates in prompt_sets.items():
-        for digit in range(10):
+        for digit in range(NUM_DIGITS):
             wordings = prompts_for(digit, set_templates)
             for i in range(per_digit):
                 k = (digit * per_digit + i) % len(set_templates)
@@ -60,10 +62,10 @@ def plan_prompts(per_digit: int, prompt_sets: Mapping[str, tuple[str, ...]] = PR
 def group_scores(logits: np.ndarray, features: np.ndarray, digits: np.ndarray,
                  reference: RealReference) -> dict:
     """Accuracy overall and per digit, and the distance with its floor, of one class-balanced group."""
-    floor, floor_samples = reference.floor(len(digits) // 10)
+    floor, floor_samples = reference.floor(len(digits) // NUM_DIGITS)
     per_digit = accuracy_by(logits, digits, digits)
     return {"samples": len(digits), "accuracy": conditional_accuracy(logits, digits),
-            "per_digit": [per_digit[d] for d in range(10)], "fmd": reference.distance(features),
+            "per_digit": [per_digit[d] for d in range(NUM_DIGITS)], "fmd": reference.distance(features),
             "fmd_floor": floor, "floor_samples": floor_samples}
 
 
@@ -104,8 +106,8 @@ def evaluate_during_training(cfg: TrainConfig, net: torch.nn.Module, diffusion: 
     judge, reference = judge_and_reference(cfg.data_dir, table.device)
     plan = plan_prompts(cfg.eval_samples, {"seen": TRAIN_TEMPLATES})
     cond = table[rows[torch.as_tensor(plan.digits), torch.as_tensor(plan.template_index)]]
-    images = generate(net, diffusion, cond, table[:1], sampler=cfg.sampler, steps=cfg.sample_steps,
-                      guidance_scale=cfg.guidance_scale, seed=cfg.seed, bf16=use_bf16)
+    images = generate(net, diffusion, cond, table[:1], cfg.sampling_options(), image_shape=IMAGE_SHAPE, seed=cfg.seed,
+                      bf16=use_bf16)
     seen = score(to_uint8(images), plan, judge, reference)["sets"]["seen"]
     return {"eval_accuracy": seen["accuracy"], "eval_fmd": seen["fmd"], "eval_fmd_floor": seen["fmd_floor"],
             "eval_samples": seen["samples"], "eval_seconds": time.perf_counter() - start}

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from config import CliParser, require_positive
 from data import load_mnist
-from errors import UserError, run_cli
 from evaluation.judge import JUDGE_PATH, Judge, judge_images, judge_input, load_judge
-from fileio import atomic_write
+from runtime.errors import UserError, run_cli
+from runtime.files import atomic_write
+from runtime.flags import CliParser, require_positive
 
 MAX_ROTATION_DEG, MAX_SCALE, MAX_SHIFT_PX = 10.0, 0.1, 2.0
 

@@ -1,39 +1,20 @@
-"""Rebuild what a checkpoint needs for sampling: the UNet, the diffusion and the text encoder."""
+"""Rebuild what sampling needs from a checkpoint: the EMA UNet, the diffusion and the text encoder."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from ddpm import GaussianDiffusion, cosine_beta_schedule
-from errors import UserError
-from models.checkpoint import load_checkpoint
+from ddpm import GaussianDiffusion
 from models.text_encoder import TextEncoder, build_text_encoder, check_compatible
-from models.unet import UNet, UNetConfig
-
-
-# What a saved config meant by the keys it lacks: the UNet layout of the time before each key existed.
-LAYOUT_BEFORE_KEYS = {"ff_mult": 4, "extra_up_block": True, "patch_size": 1}
-
-
-def with_layout_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved training config with the layout keys it predates filled in (LAYOUT_BEFORE_KEYS)."""
-    return {**LAYOUT_BEFORE_KEYS, **cfg}
-
-
-def unet_from_config(cfg: Mapping[str, Any]) -> UNet:
-    """The UNet described by a training config (a TrainConfig's fields, as a dict)."""
-    cfg = with_layout_defaults(cfg)
-    return UNet(UNetConfig(widths=tuple(cfg["widths"]), attention=tuple(cfg["attention"]),
-                           layers_per_block=cfg["layers_per_block"], head_dim=cfg["head_dim"],
-                           dropout=cfg["dropout"], ff_mult=cfg["ff_mult"], extra_up_block=cfg["extra_up_block"],
-                           patch_size=cfg["patch_size"]))
-
-
-def diffusion_from_config(cfg: Mapping[str, Any]) -> GaussianDiffusion:
-    return GaussianDiffusion(cosine_beta_schedule(cfg["num_train_timesteps"]), prediction=cfg["prediction"])
+from models.unet import UNet
+from runtime.errors import UserError
+from training.checkpoints import load_checkpoint
+from training.config import TrainConfig
+from training.state import SavedModel
 
 
 def encoder_weights_flag(record: Mapping[str, Any]) -> tuple[str, int]:
@@ -50,7 +31,7 @@ class TrainedModel:
     net: UNet  # the EMA weights, in eval mode
     diffusion: GaussianDiffusion
     encoder: TextEncoder
-    config: dict[str, Any]
+    config: TrainConfig
     path: Path
     epoch: int
 
@@ -61,18 +42,15 @@ def load_trained_model(path: Path, device: torch.device, text_encoder: str | Non
     ``text_encoder`` overrides the recorded weights (e.g. a local file that moved); either way
     the encoder loaded must match the recorded fingerprint, or UserError is raised.
     """
-    state = load_checkpoint(path, map_location=device)
-    cfg = state["config"]
-    weights, seed = encoder_weights_flag(state["text_encoder"])
-    if text_encoder is not None:
-        weights = text_encoder
-    encoder = build_text_encoder(weights, seed=seed, device=device)
-    check_compatible(state["text_encoder"], encoder.record)
-    net = unet_from_config(cfg).to(device)
+    saved = SavedModel.from_payload(load_checkpoint(path, map_location=device))
+    weights, seed = encoder_weights_flag(saved.text_encoder)
+    encoder = build_text_encoder(text_encoder or weights, seed=seed, device=device)
+    check_compatible(saved.text_encoder, encoder.record)
+    net = UNet(saved.config.model).to(device)
     try:
-        net.load_state_dict(state["ema"]["weights"])
+        net.load_state_dict(saved.ema_weights)
     except RuntimeError:  # shapes or names differ from what this code builds for that config
         raise UserError(f"checkpoint {path} holds weights of a different UNet than this version of "
                         "models/unet.py builds from its config; sample with the code that trained it or retrain") from None
-    return TrainedModel(net.eval().requires_grad_(False), diffusion_from_config(cfg), encoder, cfg,
-                        Path(path), state["epoch"])
+    return TrainedModel(net.eval().requires_grad_(False), GaussianDiffusion.from_config(saved.config.diffusion),
+                        encoder, saved.config, Path(path), saved.epoch)

@@ -35,9 +35,10 @@ import open_clip
 import torch
 from open_clip.model import _build_text_tower
 
-from errors import UserError
+from data.shapes import TEXT_TOKENS
+from runtime.errors import UserError
 
-CONTEXT_LENGTH = 8
+CONTEXT_LENGTH = TEXT_TOKENS
 MODEL_NAME = "ViT-B-32"
 OPENAI_HUB_REPO = "timm/vit_base_patch32_clip_224.openai"
 # open_clip prefers the safetensors file and falls back to the pickle, in this order.

@@ -18,29 +18,35 @@ multiply-adds (Upsample), and bf16 attention on the CPU avoids a slow fused kern
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from data.shapes import IMAGE_SHAPE, TEXT_DIM
+
 
 @dataclass(frozen=True)
 class UNetConfig:
+    """The UNet's layout. Every field is also a training config key and flag (``--widths 32 64 64``),
+    except the two fixed by the data and the text encoder (``fixed``): they are never configured."""
+
     widths: tuple[int, ...] = (32, 64, 64)
-    attention: tuple[bool, ...] = (False, True, True)
+    attention: tuple[bool, ...] = (False, True, True)  # a transformer block after each block of that level
     layers_per_block: int = 2
     head_dim: int = 32
-    context_dim: int = 512
-    groups: int = 8
+    groups: int = 8  # GroupNorm groups
     dropout: float = 0.0
-    in_channels: int = 1
     ff_mult: int = 2  # the transformer feed-forward's hidden width, in multiples of the block's width
-    extra_up_block: bool = False  # True: layers_per_block + 1 up blocks per level, as improved-diffusion
-    patch_size: int = 1  # > 1: the UNet runs on p x p patches folded into channels (pixel unshuffle)
+    extra_up_block: bool = False  # up path: layers_per_block + 1 blocks per level (improved-diffusion's layout)
+    patch_size: int = 1  # > 1: the UNet works on p x p pixel patches folded into channels (pixel unshuffle)
+    in_channels: int = field(default=IMAGE_SHAPE[0], metadata={"fixed": True})
+    context_dim: int = field(default=TEXT_DIM, metadata={"fixed": True})
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ValueError for a layout the UNet cannot be built with."""
         if len(self.widths) != len(self.attention):
             raise ValueError("widths and attention must have one entry per resolution level")
         if any(w % self.groups or w % self.head_dim for w in self.widths):
@@ -176,6 +182,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
         w0, emb_dim = cfg.widths[0], 4 * cfg.widths[0]
         self.time_mlp = nn.Sequential(nn.Linear(w0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 from ddpm import SAMPLERS
-from tests.cli import ENV
-from tests.conftest import ROOT
+from tests.helpers import ENV, ROOT
 
 
-def run(script: str, *args) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env={**os.environ, **ENV},
+def run(module: str, *args) -> str:
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env={**os.environ, **ENV},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
@@ -19,7 +18,7 @@ def run(script: str, *args) -> str:
 
 def test_benchmark_writes_the_documented_json(tmp_path):
     out = tmp_path / "bench.json"
-    run("bench/benchmark.py", "--device", "cpu", "--precision", "fp32", "--skip", "peer", "--batch_size", 4,
+    run("bench.benchmark", "--device", "cpu", "--precision", "fp32", "--skip", "peer", "--batch_size", 4,
         "--repeats", 1, "--warmup", 1, "--sample_images", 2, "--sample_steps", 2, "--epoch_images", 512, "--json", out)
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["batch_size"] == 4 and report["bf16"] is False
@@ -33,7 +32,7 @@ def test_benchmark_writes_the_documented_json(tmp_path):
 
 
 def test_sampler_benchmark_prints_a_row_per_sampler_and_step_count(checkpoint):
-    table = run("bench/samplers.py", "--checkpoint", checkpoint, "--samplers", "ddim,dpmpp_2m", "--steps", "1,3",
+    table = run("bench.samplers", "--checkpoint", checkpoint, "--samplers", "ddim,dpmpp_2m", "--steps", "1,3",
                 "--num_images", 10, "--batch_size", 4, "--precision", "fp32")
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| d")]
     assert [(r[0].strip(), int(r[1])) for r in rows] == [("ddim", 1), ("ddim", 3), ("dpmpp_2m", 1), ("dpmpp_2m", 3)]

@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from data.mnist import IDX_FILES, mnist_cache_dir
-from errors import EXIT_USER_ERROR
-from models.checkpoint import save_checkpoint
-from tests.cli import ENV, run_in_process
-from tests.conftest import ROOT
+from runtime.errors import EXIT_USER_ERROR
+from tests.helpers import ENV, ROOT, run_in_process
+from training.checkpoints import save_checkpoint
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 # configs/tiny.yaml shrunk to two steps of 16 images, with a checkpoint after each (so one is mid-epoch).

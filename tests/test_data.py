@@ -29,7 +29,7 @@ from data import (
     write_idx,
 )
 from data import mnist as mnist_module
-from errors import UserError
+from runtime.errors import UserError
 
 NAMES = {
     "train_images": "train-images-idx3-ubyte",

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import devices
-from ddpm import GaussianDiffusion, cosine_beta_schedule, generate
-from errors import UserError
+from ddpm import GaussianDiffusion, SamplingOptions, cosine_beta_schedule, generate
+from runtime import devices
+from runtime.errors import UserError
 
 FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra} lm\nbugs\t\t: none\n"
 
@@ -60,6 +60,7 @@ def test_generate_runs_the_network_under_bf16_autocast_only_when_asked(bf16):
 
     diffusion = GaussianDiffusion(cosine_beta_schedule(1000))
     cond, uncond = torch.zeros(3, 8, 512), torch.zeros(1, 8, 512)
-    images = generate(net, diffusion, cond, uncond, steps=3, guidance_scale=2.0, bf16=bf16)
+    images = generate(net, diffusion, cond, uncond, SamplingOptions(steps=3, guidance_scale=2.0), image_shape=(1, 28, 28),
+                      bf16=bf16)
     assert set(seen) == {bf16}
     assert images.dtype == torch.float32 and images.shape == (3, 1, 28, 28)

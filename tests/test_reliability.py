@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from errors import EXIT_RESUMABLE, EXIT_USER_ERROR
-from models.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, step_checkpoint_path
-from stopping import NonFiniteGuard
-from tests.cli import run_in_process
-from tests.conftest import ROOT
+from runtime.errors import EXIT_RESUMABLE, EXIT_USER_ERROR
+from tests.helpers import ROOT, run_in_process
+from training.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints, step_checkpoint_path
+from training.stopping import NonFiniteGuard
 
 # configs/tiny.yaml made smaller: 8 steps per epoch of 16 images, 2 epochs, a mid-epoch checkpoint every 3 steps.
 MICRO = ("--config", str(ROOT / "configs" / "tiny.yaml"), "--widths", "8", "16", "--head_dim", "8", "--train_subset", "128",
@@ -188,16 +187,17 @@ def test_max_bad_steps_skips_a_bounded_number_of_updates(tmp_path):
 
 
 def test_guard_skips_exactly_the_non_finite_steps():
-    guard = NonFiniteGuard(max_bad_steps=2, step=10, skipped=0, device=torch.device("cpu"))
+    guard = NonFiniteGuard(max_bad_steps=2, device=torch.device("cpu"))
     norms = [1.0, float("nan"), 3.0, float("inf"), 0.5]
-    assert [guard.admit(torch.tensor(n)) for n in norms] == [True, False, True, False, True]
-    assert guard.step == 15 and guard.skipped == 2
+    admitted = [guard.admit(torch.tensor(n), step) for step, n in enumerate(norms, start=11)]
+    assert admitted == [True, False, True, False, True] and guard.skipped == 2
     guard.check()  # skipping mode never fails a check
 
 
 def test_guard_without_skipping_records_the_first_bad_step_without_a_sync():
-    guard = NonFiniteGuard(max_bad_steps=0, step=0, skipped=0, device=torch.device("cpu"))
-    assert all(guard.admit(torch.tensor(n)) for n in [1.0, 2.0, float("nan"), float("nan"), 1.0])
+    guard = NonFiniteGuard(max_bad_steps=0, device=torch.device("cpu"))
+    norms = [1.0, 2.0, float("nan"), float("nan"), 1.0]
+    assert all(guard.admit(torch.tensor(n), step) for step, n in enumerate(norms, start=1))
     with pytest.raises(Exception, match="at step 3;"):
         guard.check()
 

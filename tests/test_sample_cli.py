@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import sample
-from errors import UserError
+from runtime.errors import UserError
 
 
 def run_sample(monkeypatch, *args):
@@ -37,10 +37,9 @@ def test_every_output_and_the_negative_prompt(checkpoint, tmp_path, monkeypatch,
 
     folder, gif = tmp_path / "grid", tmp_path / "grid.gif"
     assert capsys.readouterr().out.split() == [str(out), str(folder), str(gif)]
-    (_, _, cond, uncond), options = calls[0]
+    (_, _, cond, uncond, options), kwargs = calls[0]
     assert torch.equal(uncond[0], cond[-1])  # the negative prompt's tokens, as "blurry"'s own row has them
-    assert {k: options[k] for k in ("eta", "threshold", "spacing", "seed")} == \
-        {"eta": 0.5, "threshold": "dynamic", "spacing": "trailing", "seed": 0}
+    assert (options.eta, options.threshold, options.spacing, kwargs["seed"]) == (0.5, "dynamic", "trailing", 0)
 
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["0000_3.png", "0001_3.png", "0002_3.png", "0003_blurry.png", "0004_blurry.png", "0005_blurry.png"]

@@ -12,8 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import (SAMPLERS, GaussianDiffusion, classifier_free_guidance, cosine_beta_schedule, generate,
-                  image_generator, prompt_contexts, sampling_timesteps, threshold_x0)
+from data.shapes import IMAGE_SHAPE
+from ddpm import (
+    SAMPLERS,
+    GaussianDiffusion,
+    SamplingOptions,
+    classifier_free_guidance,
+    cosine_beta_schedule,
+    generate,
+    image_generator,
+    prompt_contexts,
+    sampling_timesteps,
+    threshold_x0,
+)
 
 MU, SIGMA = 0.3, 0.5
 N = 20000
@@ -241,7 +252,8 @@ def test_negative_prompt_replaces_the_unconditional_half(diffusion, negative, ex
         return gaussian_eps_fn(diffusion)(x, t)
 
     cond, uncond = prompt_contexts(FakeEncoder().encode, ["3", "8"], 3, negative)
-    generate(net, diffusion, cond, uncond, sampler="ddim", steps=4, guidance_scale=5.0, batch_size=4)
+    generate(net, diffusion, cond, uncond, SamplingOptions(sampler="ddim", steps=4, guidance_scale=5.0),
+             image_shape=IMAGE_SHAPE, batch_size=4)
     assert len(contexts) == 4 * 2  # 4 steps x 2 batches (4 + 2 images)
     for context in contexts:
         cond_half, uncond_half = context[:, 0, 0].chunk(2)
@@ -258,14 +270,15 @@ def test_same_seed_same_images_whatever_the_batch(diffusion, name, options):
         return eps_fn(x, t) + 0.1 * context[:, :1, :1, None]
 
     cond, uncond = prompt_contexts(FakeEncoder().encode, ["3"] * 4 + ["8"] * 3, 1, "")
-    run = lambda seed, batch: generate(net, diffusion, cond, uncond, sampler=name, steps=10, guidance_scale=3.0,
-                                       seed=seed, batch_size=batch, **options)
+    sampling = SamplingOptions(sampler=name, steps=10, guidance_scale=3.0, **options)
+    run = lambda seed, batch: generate(net, diffusion, cond, uncond, sampling, image_shape=IMAGE_SHAPE, seed=seed,
+                                       batch_size=batch)
     all_at_once = run(5, 7)
     assert all_at_once.shape == (7, 1, 28, 28)
     for batch in (1, 3, 7):
         torch.testing.assert_close(run(5, batch), all_at_once, rtol=0, atol=1e-6)
     assert (run(6, 7) - all_at_once).abs().max() > 0.1
-    first = generate(net, diffusion, cond[:2], uncond, sampler=name, steps=10, guidance_scale=3.0, seed=5, **options)
+    first = generate(net, diffusion, cond[:2], uncond, sampling, image_shape=IMAGE_SHAPE, seed=5)
     torch.testing.assert_close(first, all_at_once[:2], rtol=0, atol=1e-6)  # fewer images: same first two
 
 

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from data import load_mnist
-from models.checkpoint import latest_checkpoint, load_checkpoint
+from training.checkpoints import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"

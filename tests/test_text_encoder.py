@@ -15,8 +15,8 @@ import open_clip
 import pytest
 import torch
 
-from errors import UserError
 from models.text_encoder import OPENAI_HUB_REPO, TextEncoder, build_text_encoder, check_compatible
+from runtime.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [

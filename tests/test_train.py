@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT
-from train import epoch_batches
+from tests.helpers import ROOT
+from training.distributed import epoch_batches
 
 
 def run(*args, check=True):

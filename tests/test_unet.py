@@ -1,5 +1,4 @@
 """UNet and EMA behaviour."""
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -7,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from config import TrainConfig, read_yaml_config
 from models.ema import EMA
-from models.loading import unet_from_config
 from models.unet import UNet, UNetConfig, Upsample, attention, plain_attention, timestep_embedding
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+from training.config import load_config_file
 
 
 def test_timestep_embedding_closed_form():
@@ -37,7 +35,7 @@ def test_shapes_and_levels(net):
     x, t, ctx = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999]), torch.randn(3, 8, 512)
     assert net(x, t, ctx).shape == (3, 1, 28, 28)
     with pytest.raises(ValueError):
-        UNetConfig(widths=(16, 32), attention=(True,))
+        UNet(UNetConfig(widths=(16, 32), attention=(True,)))
 
 
 def test_output_depends_on_text_time_and_image_and_all_weights_get_gradients(net):
@@ -88,9 +86,9 @@ def test_patches_equal_a_unet_on_rearranged_pixels():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_every_shipped_config_is_valid_and_maps_digits_to_digits(path):
-    cfg = TrainConfig(**read_yaml_config(path))
+    cfg = load_config_file(path)
     cfg.validate()
-    net = unet_from_config(asdict(cfg))
+    net = UNet(cfg.model)
     assert net(torch.randn(2, 1, 28, 28), torch.tensor([0, 999]), torch.randn(2, 8, 512)).shape == (2, 1, 28, 28)
 
 

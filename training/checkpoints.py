@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from errors import UserError
-from fileio import atomic_write
+from runtime.errors import UserError
+from runtime.files import atomic_write
+from training.state import position, upgrade
 
 EPOCH_NAME = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 STEP_NAME = re.compile(r"^checkpoint_step_(\d+)\.pt$")
-TEMP_GLOB = ".checkpoint_*.tmp"  # fileio.atomic_write's temporary names for checkpoint files
-POSITION_KEYS = ("step", "epoch", "epoch_step", "steps_per_epoch")
+TEMP_GLOB = ".checkpoint_*.tmp"  # runtime.files.atomic_write's temporary names for checkpoint files
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -68,7 +68,8 @@ def verify_checksums(path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint after checking its CRCs, with ``weights_only=True``: tensors and plain data, never code."""
+    """Load a checkpoint after checking its CRCs, with ``weights_only=True`` (tensors and plain data, never
+    code), in the current format whichever format it was written in (``training.state.upgrade``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path, or train first (python train.py)")
@@ -78,9 +79,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as err:  # torch raises many kinds for a foreign file or a pickle that would run code
         raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}); "
                         "delete it and use an earlier one") from None
-    if not isinstance(payload, dict) or not {"config", "ema", "text_encoder"} <= payload.keys():
+    if not isinstance(payload, dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (missing config/ema/text_encoder)")
-    return payload
+    return upgrade(payload, path)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointFile]:
             continue
         try:
             header = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            step, epoch, batches_done, steps_per_epoch = (int(header[key]) for key in POSITION_KEYS)
+            step, epoch, batches_done, steps_per_epoch = position(header)
         except Exception:  # truncated, foreign or from an older train.py: not a candidate
             _warn(f"ignoring {path}: unreadable, or not a checkpoint this train.py wrote")
             continue
@@ -127,6 +128,19 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
             continue
         return candidate.path
     return None
+
+
+def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` names: None (start fresh), "latest", "auto" (latest if any) or a path."""
+    if resume is None:
+        return None
+    if resume not in ("latest", "auto"):
+        return Path(resume)
+    path = latest_checkpoint(output_dir)
+    if path is None and resume == "latest":
+        raise UserError(f"--resume found no checkpoint in {checkpoint_dir(output_dir)}; "
+                        "drop --resume to start fresh, or pass --resume auto")
+    return path
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:

@@ -1,7 +1,8 @@
-"""Run a command-line script inside the test process, exactly as ``python SCRIPT ARGS`` would run it.
+"""Helpers the tests share: the repository root, an untrained checkpoint, and a command-line script
+run inside the test process exactly as ``python SCRIPT ARGS`` would run it.
 
 runpy executes the script with ``__name__ == "__main__"`` (its whole path, from argument parsing
-to ``errors.run_cli``) under the given argv, environment and working folder, without paying the
+to ``runtime.errors.run_cli``) under the given argv, environment and working folder, without paying the
 ~4 s of imports a subprocess costs here. Everything the script may change globally (argv, the
 environment, the working folder, torch's thread count, the stop-signal handlers) is restored.
 """
@@ -17,10 +18,26 @@ from pathlib import Path
 
 import torch
 
-from stopping import STOP_SIGNALS
-from tests.conftest import ROOT
+from models.text_encoder import build_text_encoder
+from training.checkpoints import save_checkpoint
+from training.config import TrainConfig
+from training.state import TrainingState
+from training.stopping import STOP_SIGNALS
 
+ROOT = Path(__file__).resolve().parent.parent
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+def write_untrained_checkpoint(path: Path, **overrides) -> Path:
+    """An untrained tiny UNet (widths 16, 32) saved as train.py saves the end of epoch 1: its samples are noise."""
+    cfg = TrainConfig.from_flat({"widths": [16, 32], "attention": [False, True], "layers_per_block": 1,
+                                 "head_dim": 16, "text_encoder": "random", **overrides})
+    state = TrainingState(cfg, torch.device("cpu"), rank=0, world_size=1, steps_per_epoch=1,
+                          text_encoder=build_text_encoder("random", seed=cfg.text_encoder_seed).record)
+    state.epoch_step = 1
+    save_checkpoint(state.state_dict(), path)
+    return path
 
 
 @contextlib.contextmanager

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
-from errors import UserError
+from runtime.errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

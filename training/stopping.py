@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from errors import EXIT_RESUMABLE, UserError
+from runtime.errors import EXIT_RESUMABLE, UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -70,24 +70,23 @@ class NonFiniteGuard:
     the host: one sync per step, only when ``max_bad_steps`` > 0.
     """
 
-    def __init__(self, max_bad_steps: int, step: int, skipped: int, device: torch.device):
-        self.max_bad_steps, self.step, self.skipped = max_bad_steps, step, skipped
+    def __init__(self, max_bad_steps: int, device: torch.device):
+        self.max_bad_steps, self.skipped = max_bad_steps, 0  # skipped: restored from a checkpoint on resume
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)
         self.last_good: Path | None = None  # the newest checkpoint written, for the error message
 
-    def admit(self, grad_norm: torch.Tensor) -> bool:
-        """Whether the optimizer may apply this step's update."""
-        self.step += 1
+    def admit(self, grad_norm: torch.Tensor, step: int) -> bool:
+        """Whether the optimizer may apply the update of global step ``step`` (counted from 1)."""
         finite = torch.isfinite(grad_norm)
         if not self.max_bad_steps:
-            self.first_bad = torch.where((self.first_bad == 0) & ~finite, self.step, self.first_bad)
+            self.first_bad = torch.where((self.first_bad == 0) & ~finite, step, self.first_bad)
             return True
         if finite.item():
             return True
         self.skipped += 1
         if self.skipped > self.max_bad_steps:
-            self._fail(self.step, f"{self.skipped} such steps, more than --max_bad_steps {self.max_bad_steps}")
-        print(f"warning: non-finite loss or gradients at step {self.step}: update skipped "
+            self._fail(step, f"{self.skipped} such steps, more than --max_bad_steps {self.max_bad_steps}")
+        print(f"warning: non-finite loss or gradients at step {step}: update skipped "
               f"({self.skipped} of --max_bad_steps {self.max_bad_steps})", file=sys.stderr)
         return False
 

@@ -3,14 +3,15 @@ training, sampling, evaluation and the benchmarks."""
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
 
-from errors import UserError
+from runtime.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_CHOICES = ("auto", "on", "off")
 PRECISION_HELP = "network precision: auto = bf16 autocast where the hardware does bf16 natively, else fp32"
 
 
@@ -25,7 +26,7 @@ def pick_device(flag: str) -> torch.device:
     return torch.device(flag)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when the CPU multiplies bf16 in hardware (its flags list AVX512-BF16 or AMX-BF16).
 

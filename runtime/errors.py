@@ -13,7 +13,7 @@ Exit statuses (SLURM scripts and wrappers rely on them):
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
 EXIT_RESUMABLE = 75
