@@ -9,6 +9,7 @@ text weights that would be loaded, and whether --output_dir is writable. It neve
 compute node without internet is checked as it is, and a missing cache names the prefetch
 command. Exit status 0 when every check passes, 1 naming the failed checks, 2 for a bad flag.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,22 +42,31 @@ class Check:
 def check_torch() -> Check:
     cuda = torch.version.cuda or "none (CPU-only build)"
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.version.cuda else "none"
-    return Check("torch", True, f"{torch.__version__}, CUDA build {cuda}, NCCL {nccl}, "
-                                f"cuDNN {torch.backends.cudnn.version()}, python {platform.python_version()}")
+    return Check(
+        "torch",
+        True,
+        f"{torch.__version__}, CUDA build {cuda}, NCCL {nccl}, "
+        f"cuDNN {torch.backends.cudnn.version()}, python {platform.python_version()}",
+    )
 
 
 def check_gpus(required: int, device: str) -> Check:
     count = torch.cuda.device_count()
     if count < required or (device.startswith("cuda") and count == 0):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        return Check("gpus", False, f"{count} visible (CUDA_VISIBLE_DEVICES={visible}), {max(required, 1)} needed; "
-                                    "ask SLURM for them (--gpus-per-node) or train with --device cpu")
+        return Check(
+            "gpus",
+            False,
+            f"{count} visible (CUDA_VISIBLE_DEVICES={visible}), {max(required, 1)} needed; "
+            "ask SLURM for them (--gpus-per-node) or train with --device cpu",
+        )
     if count == 0:
         return Check("gpus", True, "none visible; training runs on the CPU (gloo)")
     names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return Check("gpus", True, f"{count} x {', '.join(names)} ({memory:.0f} GiB each), "
-                               f"bf16 {torch.cuda.is_bf16_supported()}")
+    return Check(
+        "gpus", True, f"{count} x {', '.join(names)} ({memory:.0f} GiB each), bf16 {torch.cuda.is_bf16_supported()}"
+    )
 
 
 def check_distributed(device: str) -> Check:
@@ -65,8 +75,12 @@ def check_distributed(device: str) -> Check:
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     needed = "nccl" if cuda else "gloo"
     if needed not in backends:
-        return Check("distributed", False, f"backend {needed} is missing from this torch build (has: "
-                                           f"{', '.join(backends) or 'none'}); install a torch wheel with {needed}")
+        return Check(
+            "distributed",
+            False,
+            f"backend {needed} is missing from this torch build (has: "
+            f"{', '.join(backends) or 'none'}); install a torch wheel with {needed}",
+        )
     return Check("distributed", True, f"backends {', '.join(backends)}; training would use {needed}")
 
 
@@ -76,15 +90,23 @@ def check_mnist(data_dir: str | None) -> Check:
         root = mnist_cache_dir()
         cached = all((root / "MNIST" / "raw" / name).is_file() for name in IDX_FILES.values())
         if not cached and not (root / WHEEL_NAME).is_file():
-            return Check("mnist", False, f"not in the cache {root} (MNIST_CACHE_DIR); {PREFETCH}, "
-                                         "or pass --data_dir DIR holding the four idx files")
+            return Check(
+                "mnist",
+                False,
+                f"not in the cache {root} (MNIST_CACHE_DIR); {PREFETCH}, "
+                "or pass --data_dir DIR holding the four idx files",
+            )
     try:
         mnist = load_mnist(data_dir)
     except UserError as err:
         return Check("mnist", False, str(err))
     where = data_dir or mnist_cache_dir()
-    return Check("mnist", True, f"{where}: {len(mnist.train_images)} train and {len(mnist.test_images)} "
-                                "test images, md5 of every file verified")
+    return Check(
+        "mnist",
+        True,
+        f"{where}: {len(mnist.train_images)} train and {len(mnist.test_images)} "
+        "test images, md5 of every file verified",
+    )
 
 
 def check_text_encoder(weights: str, seed: int) -> Check:
@@ -92,14 +114,19 @@ def check_text_encoder(weights: str, seed: int) -> Check:
     if weights == "random":
         return Check("clip weights", True, f"none needed: --text_encoder random (seed {seed})")
     from models.text_encoder import build_text_encoder  # open_clip and torchvision take seconds to import
+
     try:
         encoder = build_text_encoder("openai" if weights == "auto" else weights)
     except UserError as err:
         if weights not in ("auto", "openai"):
             return Check("clip weights", False, str(err))
         fallback = " (--text_encoder auto would fall back to a RANDOM encoder)" if weights == "auto" else ""
-        return Check("clip weights", False, f"OpenAI CLIP weights are not in the Hugging Face cache {hub_constants.HF_HUB_CACHE}"
-                                            f"{fallback}; {PREFETCH}, or pass --text_encoder random")
+        return Check(
+            "clip weights",
+            False,
+            f"OpenAI CLIP weights are not in the Hugging Face cache {hub_constants.HF_HUB_CACHE}"
+            f"{fallback}; {PREFETCH}, or pass --text_encoder random",
+        )
     return Check("clip weights", True, f"{encoder.kind} from {encoder.source}")
 
 
@@ -112,8 +139,14 @@ def check_output_dir(output_dir: str) -> Check:
 
 
 def run_checks(cfg: TrainConfig, gpus: int) -> list[Check]:
-    return [check_torch(), check_gpus(gpus, cfg.device), check_distributed(cfg.device), check_mnist(cfg.data_dir),
-            check_text_encoder(cfg.text_encoder, cfg.text_encoder_seed), check_output_dir(cfg.output_dir)]
+    return [
+        check_torch(),
+        check_gpus(gpus, cfg.device),
+        check_distributed(cfg.device),
+        check_mnist(cfg.data_dir),
+        check_text_encoder(cfg.text_encoder, cfg.text_encoder_seed),
+        check_output_dir(cfg.output_dir),
+    ]
 
 
 def main() -> None:

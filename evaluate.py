@@ -10,6 +10,7 @@ per digit, per template) and the Fréchet distance between the judge's features 
 and of real MNIST test digits, beside the same distance between two halves of real data (the
 floor). Tables go to stdout; a JSON file (and, for a sweep, a PNG plot) goes beside the checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,11 @@ def parse_args(argv: list[str]):
     p.add_argument("--num_samples", type=int, default=100, help="images per digit for each prompt set")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
     p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps")
-    p.add_argument("--guidance_scale", default=f"{DEFAULT_SAMPLING.guidance_scale:g}",
-                   help="classifier-free guidance scale, or a comma list to sweep")
+    p.add_argument(
+        "--guidance_scale",
+        default=f"{DEFAULT_SAMPLING.guidance_scale:g}",
+        help="classifier-free guidance scale, or a comma list to sweep",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
@@ -69,8 +73,10 @@ def parse_args(argv: list[str]):
 def output_path(args, checkpoint: Path, suffix: str) -> Path:
     """Beside the checkpoint, named by the settings, so runs with other settings do not overwrite it."""
     scales = "-".join(f"{s:g}" for s in args.guidance_scale)
-    return checkpoint.with_name(f"{checkpoint.stem}_eval_{args.sampler}_{args.steps}steps_cfg{scales}"
-                                f"_n{args.num_samples}_seed{args.seed}{suffix}")
+    return checkpoint.with_name(
+        f"{checkpoint.stem}_eval_{args.sampler}_{args.steps}steps_cfg{scales}"
+        f"_n{args.num_samples}_seed{args.seed}{suffix}"
+    )
 
 
 def plan_contexts(model: TrainedModel, plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,25 +91,57 @@ def sample_images(model: TrainedModel, cond: torch.Tensor, uncond: torch.Tensor,
     """uint8 [N, 28, 28], one image per row of ``cond``, with a progress bar on stderr."""
     with tqdm(total=len(cond), desc=f"guidance {scale:g}", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
         options = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance_scale=scale)
-        images = generate(model.net, model.diffusion, cond, uncond, options, image_shape=IMAGE_SHAPE, seed=args.seed,
-                          batch_size=args.batch_size, progress=bar.update, bf16=args.bf16)
+        images = generate(
+            model.net,
+            model.diffusion,
+            cond,
+            uncond,
+            options,
+            image_shape=IMAGE_SHAPE,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=bar.update,
+            bf16=args.bf16,
+        )
     return to_uint8(images)
 
 
-def build_report(args, model: TrainedModel, device: torch.device, judge: dict, reference: RealReference,
-                 results: list[dict], seconds: float) -> dict:
+def build_report(
+    args,
+    model: TrainedModel,
+    device: torch.device,
+    judge: dict,
+    reference: RealReference,
+    results: list[dict],
+    seconds: float,
+) -> dict:
     """Everything needed to compare this evaluation with another: settings, judge, reference, results."""
     return {
-        "checkpoint": str(model.path), "epoch": model.epoch, "sampler": args.sampler, "steps": args.steps,
-        "guidance_scales": args.guidance_scale, "seed": args.seed, "num_samples_per_digit": args.num_samples,
-        "batch_size": args.batch_size, "device": str(device),
+        "checkpoint": str(model.path),
+        "epoch": model.epoch,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance_scales": args.guidance_scale,
+        "seed": args.seed,
+        "num_samples_per_digit": args.num_samples,
+        "batch_size": args.batch_size,
+        "device": str(device),
         "bf16": args.bf16,
-        "judge": {"weights": str(JUDGE_PATH), "weights_sha256": judge["weights_sha256"],
-                  "recorded_test_accuracy": judge["test_accuracy"], "accuracy_on_real_half_a": reference.judge_accuracy},
-        "reference": {"data": "MNIST test set split per digit into halves A and B; samples are compared "
-                              "with B, the floor is A (as many images per digit as the samples) vs B",
-                      "half_a_images": len(reference.floor_labels), "half_b_images": reference.reference_images},
-        "results": results, "wall_seconds": seconds, "train_config": model.config.to_flat(),
+        "judge": {
+            "weights": str(JUDGE_PATH),
+            "weights_sha256": judge["weights_sha256"],
+            "recorded_test_accuracy": judge["test_accuracy"],
+            "accuracy_on_real_half_a": reference.judge_accuracy,
+        },
+        "reference": {
+            "data": "MNIST test set split per digit into halves A and B; samples are compared "
+            "with B, the floor is A (as many images per digit as the samples) vs B",
+            "half_a_images": len(reference.floor_labels),
+            "half_b_images": reference.reference_images,
+        },
+        "results": results,
+        "wall_seconds": seconds,
+        "train_config": model.config.to_flat(),
     }
 
 
@@ -114,8 +152,10 @@ def main() -> None:
     args.bf16 = use_bf16(args.precision, device)
     path = args.checkpoint or latest_checkpoint(args.output_dir)
     if path is None:
-        raise UserError(f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
-                        "or pass --checkpoint PATH")
+        raise UserError(
+            f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
+            "or pass --checkpoint PATH"
+        )
     check_writable(path.parent, "the results go beside --checkpoint, but")
     model = load_trained_model(path, device)
     if args.steps > model.diffusion.num_steps:
@@ -124,10 +164,12 @@ def main() -> None:
     judge, reference = judge_and_reference(args.data_dir, device)
     plan = plan_prompts(args.num_samples)
     cond, uncond = plan_contexts(model, plan)
-    print(f"{path} (epoch {model.epoch}): {args.sampler}, {args.steps} steps, seed {args.seed}, "
-          f"{'bf16' if args.bf16 else 'fp32'} on {device}, "
-          f"{args.num_samples} samples per digit per prompt set; judge accuracy on real test digits "
-          f"{100 * reference.judge_accuracy:.2f}%\n")
+    print(
+        f"{path} (epoch {model.epoch}): {args.sampler}, {args.steps} steps, seed {args.seed}, "
+        f"{'bf16' if args.bf16 else 'fp32'} on {device}, "
+        f"{args.num_samples} samples per digit per prompt set; judge accuracy on real test digits "
+        f"{100 * reference.judge_accuracy:.2f}%\n"
+    )
 
     results = []
     for scale in args.guidance_scale:

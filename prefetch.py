@@ -8,6 +8,7 @@ the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface). Compute nodes t
 folders then train offline: slurm/train.sbatch sets HF_HUB_OFFLINE=1 and check_environment.py
 fails fast, naming what is missing.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,10 @@ def main() -> None:
     if args.skip_clip:
         return
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UserError("HF_HUB_OFFLINE is set, so the CLIP weights cannot be downloaded; "
-                        "unset it (env -u HF_HUB_OFFLINE python prefetch.py) on a machine with internet")
+        raise UserError(
+            "HF_HUB_OFFLINE is set, so the CLIP weights cannot be downloaded; "
+            "unset it (env -u HF_HUB_OFFLINE python prefetch.py) on a machine with internet"
+        )
     encoder = build_text_encoder("openai")
     print(f"CLIP ViT-B/32 text weights: {encoder.source}, in {HF_HUB_CACHE}")
 

@@ -10,6 +10,7 @@ the file's path (then those of the --save_individual folder and the --trajectory
 of a run depends only on --seed and i: the same seed gives the same pixels whatever
 --batch_size, and adding prompts or samples does not change the images before them.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,7 @@ from runtime.flags import CliParser, require_positive
 from training.checkpoints import latest_checkpoint
 
 
-def parse_args(argv: list[str]):
+def build_parser() -> CliParser:
     p = CliParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several rows")
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
@@ -40,30 +41,58 @@ def parse_args(argv: list[str]):
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
     p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps (network calls per image)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as ancestral DDPM; ddim only")
-    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SAMPLING.spacing, help="which timesteps the steps visit")
-    p.add_argument("--threshold", choices=THRESHOLDS, default=DEFAULT_SAMPLING.threshold,
-                   help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding")
-    p.add_argument("--guidance_scale", type=float, default=DEFAULT_SAMPLING.guidance_scale,
-                   help="classifier-free guidance scale s")
-    p.add_argument("--negative_prompt", default=EMPTY_PROMPT,
-                   help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half")
-    p.add_argument("--allow_truncation", action="store_true",
-                   help="accept prompts longer than the text encoder's 8 tokens, cut to their first words")
+    p.add_argument(
+        "--spacing", choices=SPACINGS, default=DEFAULT_SAMPLING.spacing, help="which timesteps the steps visit"
+    )
+    p.add_argument(
+        "--threshold",
+        choices=THRESHOLDS,
+        default=DEFAULT_SAMPLING.threshold,
+        help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding",
+    )
+    p.add_argument(
+        "--guidance_scale", type=float, default=DEFAULT_SAMPLING.guidance_scale, help="classifier-free guidance scale s"
+    )
+    p.add_argument(
+        "--negative_prompt",
+        default=EMPTY_PROMPT,
+        help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half",
+    )
+    p.add_argument(
+        "--allow_truncation",
+        action="store_true",
+        help="accept prompts longer than the text encoder's 8 tokens, cut to their first words",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (does not change the images)")
     p.add_argument("--out", type=Path, help="PNG path (default: <output_dir>/samples/sample_<prompt>_seed<seed>.png)")
-    p.add_argument("--save_individual", action="store_true",
-                   help="also write each image as its own PNG, in a folder named like --out without .png")
-    p.add_argument("--trajectory", action="store_true",
-                   help="also write a GIF of the denoising (x_t and the x0 prediction per step) beside --out")
+    p.add_argument(
+        "--save_individual",
+        action="store_true",
+        help="also write each image as its own PNG, in a folder named like --out without .png",
+    )
+    p.add_argument(
+        "--trajectory",
+        action="store_true",
+        help="also write a GIF of the denoising (x_t and the x0 prediction per step) beside --out",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--text_encoder", help="override the checkpoint's text-encoder weights (must match it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="network precision. fp32 (default) keeps image i the same whatever --batch_size; bf16 "
-                        "(auto: where the hardware does it natively) is ~2x faster on such CPUs, but its pixels "
-                        "then vary slightly with the batch size")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="network precision. fp32 (default) keeps image i the same whatever --batch_size; bf16 "
+        "(auto: where the hardware does it natively) is ~2x faster on such CPUs, but its pixels "
+        "then vary slightly with the batch size",
+    )
+    return p
+
+
+def parse_args(argv: list[str]):
+    """The flags, every value checked before any work."""
+    args = build_parser().parse_args(argv)
     require_positive(args, ("num_samples", "steps", "batch_size"))
     if args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
@@ -75,7 +104,7 @@ def parse_args(argv: list[str]):
         raise UserError(f"--out must end in .png, got {args.out}")
     for prompt in args.prompt:
         if not prompt.strip():
-            raise UserError("--prompt is empty; give the digit to draw, e.g. --prompt \"7\"")
+            raise UserError('--prompt is empty; give the digit to draw, e.g. --prompt "7"')
     check_prompt_lengths([*args.prompt, args.negative_prompt], args.allow_truncation)
     return args
 
@@ -88,8 +117,10 @@ def check_prompt_lengths(prompts: list[str], allow_truncation: bool) -> None:
         if kept is None:
             continue
         if not allow_truncation:
-            raise UserError(f"prompt {prompt!r} is longer than the text encoder's {CONTEXT_LENGTH} tokens and would be "
-                            f"truncated to {kept!r}; shorten it, or pass --allow_truncation to accept that")
+            raise UserError(
+                f"prompt {prompt!r} is longer than the text encoder's {CONTEXT_LENGTH} tokens and would be "
+                f"truncated to {kept!r}; shorten it, or pass --allow_truncation to accept that"
+            )
         print(f"warning: prompt {prompt!r} was truncated to {CONTEXT_LENGTH} tokens: {kept!r}", file=sys.stderr)
 
 
@@ -115,8 +146,14 @@ def output_paths(args) -> tuple[Path, Path | None, Path | None]:
 
 
 def sampling_options(args) -> SamplingOptions:
-    return SamplingOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
-                           spacing=args.spacing, threshold=args.threshold, eta=args.eta)
+    return SamplingOptions(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        spacing=args.spacing,
+        threshold=args.threshold,
+        eta=args.eta,
+    )
 
 
 def warn_about_negative_prompt(args) -> None:
@@ -130,8 +167,10 @@ def main() -> None:
     out, folder, gif = output_paths(args)
     path = args.checkpoint or latest_checkpoint(args.output_dir)
     if path is None:
-        raise UserError(f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
-                        "or pass --checkpoint PATH")
+        raise UserError(
+            f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
+            "or pass --checkpoint PATH"
+        )
     model = load_trained_model(path, device, args.text_encoder)
     if args.steps > model.diffusion.num_steps:
         raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
@@ -141,21 +180,34 @@ def main() -> None:
     recorder = TrajectoryRecorder(args.steps) if gif else None
     bf16 = use_bf16(args.precision, device)
     start = time.perf_counter()
-    images = generate(model.net, model.diffusion, cond, uncond, sampling_options(args), image_shape=IMAGE_SHAPE,
-                      seed=args.seed, batch_size=args.batch_size, callback=recorder, bf16=bf16)
+    images = generate(
+        model.net,
+        model.diffusion,
+        cond,
+        uncond,
+        sampling_options(args),
+        image_shape=IMAGE_SHAPE,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        callback=recorder,
+        bf16=bf16,
+    )
     elapsed = time.perf_counter() - start
     digits = to_uint8(images)
-    save_grid(list(digits.reshape(len(args.prompt), args.num_samples, *IMAGE_SHAPE[1:])), [f'"{p}"' for p in args.prompt],
-              out)
+    save_grid(
+        list(digits.reshape(len(args.prompt), args.num_samples, *IMAGE_SHAPE[1:])), [f'"{p}"' for p in args.prompt], out
+    )
     if folder:
         names = [f"{i:04d}_{slug(args.prompt[i // args.num_samples])}.png" for i in range(len(digits))]
         save_images(digits, names, folder)
     if recorder:
         recorder.save_gif(digits, args.prompt, gif)
-    print(f"{len(images)} images from {path} (epoch {model.epoch}) with {args.sampler}, {args.steps} steps "
-          f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, "
-          f"{'bf16' if bf16 else 'fp32'} on {device}, in {elapsed:.1f} s",
-          file=sys.stderr)
+    print(
+        f"{len(images)} images from {path} (epoch {model.epoch}) with {args.sampler}, {args.steps} steps "
+        f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, "
+        f"{'bf16' if bf16 else 'fp32'} on {device}, in {elapsed:.1f} s",
+        file=sys.stderr,
+    )
     for written in (out, folder, gif):
         if written:
             print(written)

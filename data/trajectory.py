@@ -1,4 +1,5 @@
 """The denoising trajectory as an animated GIF: a sampler callback that keeps the frames, and the writer."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,14 +36,20 @@ class TrajectoryRecorder:
     def save_gif(self, final: np.ndarray, prompts: Sequence[str], path: Path) -> None:
         """One frame per kept step, two rows per prompt (x_t, then the x0 prediction), and the
         ``final`` images ([N, H, W] uint8, prompt-major) as a last frame held longer."""
-        frames = [(f"t={t}", np.concatenate(noisy), np.concatenate(predicted))
-                  for _, (t, noisy, predicted) in sorted(self.frames.items())]
+        frames = [
+            (f"t={t}", np.concatenate(noisy), np.concatenate(predicted))
+            for _, (t, noisy, predicted) in sorted(self.frames.items())
+        ]
         frames.append(("done", final, final))
         width = max(len(label) for label, _, _ in frames)
         images = [_frame(label.ljust(width), noisy, predicted, prompts) for label, noisy, predicted in frames]
         durations = [FRAME_MS] * (len(images) - 1) + [LAST_FRAME_MS]
-        atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=durations, loop=0))
+        atomic_write(
+            path,
+            lambda f: images[0].save(
+                f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0
+            ),
+        )
 
 
 def _frame(label: str, noisy: np.ndarray, predicted: np.ndarray, prompts: Sequence[str]):

@@ -1,4 +1,5 @@
 """Diffusion math and samplers, independent of any network."""
+
 from ddpm.diffusion import PREDICTIONS, DiffusionConfig, GaussianDiffusion
 from ddpm.generation import DEFAULT_SAMPLING, SamplingOptions, generate, image_generator, prompt_contexts
 from ddpm.guidance import classifier_free_guidance
@@ -6,7 +7,20 @@ from ddpm.samplers import SAMPLERS, SPACINGS, THRESHOLDS, randn_like, sampling_t
 from ddpm.schedule import cosine_beta_schedule
 
 __all__ = [
-    "DEFAULT_SAMPLING", "PREDICTIONS", "SAMPLERS", "SPACINGS", "THRESHOLDS", "DiffusionConfig", "GaussianDiffusion",
-    "SamplingOptions", "classifier_free_guidance", "cosine_beta_schedule", "generate", "image_generator",
-    "prompt_contexts", "randn_like", "sampling_timesteps", "threshold_x0",
+    "DEFAULT_SAMPLING",
+    "PREDICTIONS",
+    "SAMPLERS",
+    "SPACINGS",
+    "THRESHOLDS",
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "SamplingOptions",
+    "classifier_free_guidance",
+    "cosine_beta_schedule",
+    "generate",
+    "image_generator",
+    "prompt_contexts",
+    "randn_like",
+    "sampling_timesteps",
+    "threshold_x0",
 ]

@@ -3,6 +3,7 @@
 Every schedule quantity is kept in float64 and cast to the data's dtype only when it is
 applied, so a bf16 or fp32 model never sees rounding in alpha_bar near t = T.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ class GaussianDiffusion:
         ab = self.alphas_cumprod
         return self._at(ab.sqrt(), t, x0) * noise - self._at((1 - ab).sqrt(), t, x0) * x0
 
-    def training_loss(self, output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def training_loss(
+        self, output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         """Mean squared error of the network output against its target (the seed's "simple" loss)."""
         target = self.training_target(x0, t, noise)
         return torch.nn.functional.mse_loss(output.float(), target.float())

@@ -3,6 +3,7 @@
 ``SamplingOptions`` holds how images are sampled, and its defaults are the project's: train.py's
 sample grids, sample.py, evaluate.py and the pipeline all start from ``DEFAULT_SAMPLING``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,12 @@ def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -
     return torch.Generator(device).manual_seed(state)
 
 
-def prompt_contexts(encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], prompts: Sequence[str],
-                    num_samples: int, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_contexts(
+    encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+    prompts: Sequence[str],
+    num_samples: int,
+    negative_prompt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) for :func:`generate`, from one call of a text encoder's ``encode``.
 
     cond holds each prompt's tokens ``num_samples`` times, prompt-major ([P * num_samples, L, D]);
@@ -69,10 +74,21 @@ def prompt_contexts(encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def generate(net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor, uncond: torch.Tensor,
-             options: SamplingOptions = DEFAULT_SAMPLING, *, image_shape: Sequence[int], seed: int = 0,
-             batch_size: int = 256, first_index: int = 0, progress: Callable[[int], None] | None = None,
-             callback: Callback = None, bf16: bool = False) -> torch.Tensor:
+def generate(
+    net: NetFn,
+    diffusion: GaussianDiffusion,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    options: SamplingOptions = DEFAULT_SAMPLING,
+    *,
+    image_shape: Sequence[int],
+    seed: int = 0,
+    batch_size: int = 256,
+    first_index: int = 0,
+    progress: Callable[[int], None] | None = None,
+    callback: Callback = None,
+    bf16: bool = False,
+) -> torch.Tensor:
     """Sample one image of ``image_shape`` ([C, H, W]) per row of ``cond`` ([N, L, D] text tokens)
     with classifier-free guidance, as ``options`` say.
 
@@ -89,13 +105,16 @@ def generate(net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor, uncon
     sample_fn = SAMPLERS[options.sampler]
     out = []
     for start in range(0, len(cond), batch_size):
-        chunk = cond[start:start + batch_size]
+        chunk = cond[start : start + batch_size]
         gens = [image_generator(seed, first_index + start + i, device) for i in range(len(chunk))]
         x_T = torch.stack([torch.randn(*image_shape, generator=g, device=device) for g in gens])
         eps_fn = classifier_free_guidance(net, diffusion, chunk, uncond, options.guidance_scale)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(sample_fn(eps_fn, x_T, diffusion, options.steps, generator=gens, callback=callback,
-                                 **options.sampler_kwargs()))
+            out.append(
+                sample_fn(
+                    eps_fn, x_T, diffusion, options.steps, generator=gens, callback=callback, **options.sampler_kwargs()
+                )
+            )
         if progress:
             progress(len(chunk))
     return torch.cat(out)

@@ -1,5 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022): a wrapper that turns a conditional
 network into the guided ``eps_fn`` every sampler takes."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,8 +12,9 @@ from ddpm.diffusion import GaussianDiffusion
 NetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def classifier_free_guidance(net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor,
-                             uncond: torch.Tensor, scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def classifier_free_guidance(
+    net: NetFn, diffusion: GaussianDiffusion, cond: torch.Tensor, uncond: torch.Tensor, scale: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps = eps_uncond + scale * (eps_cond - eps_uncond), both halves in one batched call.
 
     ``net(x, t, context)`` returns the network output of ``diffusion.prediction`` type;

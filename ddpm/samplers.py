@@ -13,6 +13,7 @@ on the batch it was drawn in. ``spacing`` picks the visited timesteps (:func:`sa
 state x_t fed to the network and the (thresholded) x0 prediction. Every sampler calls
 ``eps_fn`` exactly ``steps`` times. Schedule coefficients are taken from the float64 schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -123,9 +124,16 @@ def _schedule(diffusion: GaussianDiffusion, steps: int, spacing: str) -> list[tu
 
 
 @torch.no_grad()
-def sample_ddpm(eps_fn: EpsFn, x_T: torch.Tensor, diffusion: GaussianDiffusion, steps: int,
-                generator: Generator = None, spacing: str = "trailing", threshold: str = "none",
-                callback: Callback = None) -> torch.Tensor:
+def sample_ddpm(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    diffusion: GaussianDiffusion,
+    steps: int,
+    generator: Generator = None,
+    spacing: str = "trailing",
+    threshold: str = "none",
+    callback: Callback = None,
+) -> torch.Tensor:
     """Ancestral sampling, DDPM (Ho et al. 2020, Algorithm 2, sigma_t^2 = beta-tilde), respaced
     as in Improved DDPM (Nichol & Dhariwal 2021, section 4).
 
@@ -145,9 +153,17 @@ def sample_ddpm(eps_fn: EpsFn, x_T: torch.Tensor, diffusion: GaussianDiffusion, 
 
 
 @torch.no_grad()
-def sample_ddim(eps_fn: EpsFn, x_T: torch.Tensor, diffusion: GaussianDiffusion, steps: int,
-                generator: Generator = None, spacing: str = "trailing", threshold: str = "none",
-                callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
+def sample_ddim(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    diffusion: GaussianDiffusion,
+    steps: int,
+    generator: Generator = None,
+    spacing: str = "trailing",
+    threshold: str = "none",
+    callback: Callback = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12 with sigma from eq. 16).
 
     x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z, where
@@ -160,7 +176,7 @@ def sample_ddim(eps_fn: EpsFn, x_T: torch.Tensor, diffusion: GaussianDiffusion, 
         raise ValueError(f"eta must be >= 0, got {eta}")
     denoise = _denoiser(eps_fn, threshold, callback)
     x = x_T
-    for i, (t, s, ab_t, ab_s) in enumerate(_schedule(diffusion, steps, spacing)):
+    for i, (t, _, ab_t, ab_s) in enumerate(_schedule(diffusion, steps, spacing)):
         eps, x0 = denoise(i, x, t, ab_t)
         sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
         x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps
@@ -170,9 +186,16 @@ def sample_ddim(eps_fn: EpsFn, x_T: torch.Tensor, diffusion: GaussianDiffusion, 
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(eps_fn: EpsFn, x_T: torch.Tensor, diffusion: GaussianDiffusion, steps: int,
-                    generator: Generator = None, spacing: str = "trailing", threshold: str = "none",
-                    callback: Callback = None) -> torch.Tensor:
+def sample_dpmpp_2m(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    diffusion: GaussianDiffusion,
+    steps: int,
+    generator: Generator = None,
+    spacing: str = "trailing",
+    threshold: str = "none",
+    callback: Callback = None,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep, second order,
     in data-prediction form, which stays stable under large guidance scales.
 

@@ -1,4 +1,5 @@
 """Noise schedules, computed in float64 as in improved-diffusion."""
+
 from __future__ import annotations
 
 import math

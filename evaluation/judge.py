@@ -4,6 +4,7 @@ features feed the Fréchet MNIST distance.
 It is trained on real MNIST only (``python -m evaluation.train_judge``); its weights ship as
 ``evaluation/judge.pt`` (float16) with the test accuracy they reached in ``evaluation/judge.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,12 @@ RETRAIN_HINT = "restore it from git or retrain it with python -m evaluation.trai
 
 def conv_block(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
     """conv -> BatchNorm -> ReLU -> 2x2 max-pool."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
 
 
 class Judge(nn.Module):
@@ -36,8 +41,13 @@ class Judge(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            conv_block(1, 16, 5), conv_block(16, 32, 3), conv_block(32, 64, 3), nn.Flatten(),
-            nn.Linear(64 * 3 * 3, FEATURE_DIM, bias=False), nn.BatchNorm1d(FEATURE_DIM), nn.ReLU(inplace=True),
+            conv_block(1, 16, 5),
+            conv_block(16, 32, 3),
+            conv_block(32, 64, 3),
+            nn.Flatten(),
+            nn.Linear(64 * 3 * 3, FEATURE_DIM, bias=False),
+            nn.BatchNorm1d(FEATURE_DIM),
+            nn.ReLU(inplace=True),
         )
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(FEATURE_DIM, NUM_DIGITS))
 
@@ -62,12 +72,14 @@ def judge_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def judge_images(judge: Judge, images: np.ndarray | torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def judge_images(
+    judge: Judge, images: np.ndarray | torch.Tensor, batch_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits float32 [N, 10], features float64 [N, 128]) of uint8 images [N, 28, 28]."""
     device = next(judge.parameters()).device
     logits, features = [], []
     for start in range(0, len(images), batch_size):
-        x = judge_input(images[start:start + batch_size]).to(device)
+        x = judge_input(images[start : start + batch_size]).to(device)
         f = judge.features(x)
         logits.append(judge.head(f).float().cpu())
         features.append(f.double().cpu())
@@ -95,6 +107,7 @@ def load_judge(path: Path = JUDGE_PATH, device: torch.device | str = "cpu") -> J
     try:
         judge.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except (RuntimeError, AttributeError) as err:
-        raise UserError(f"{path} does not hold judge weights ({str(err).splitlines()[0][:120]}); "
-                        f"{RETRAIN_HINT}") from None
+        raise UserError(
+            f"{path} does not hold judge weights ({str(err).splitlines()[0][:120]}); {RETRAIN_HINT}"
+        ) from None
     return judge.to(device).eval().requires_grad_(False)

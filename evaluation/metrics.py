@@ -6,6 +6,7 @@ The Fréchet distance between N(mu1, S1) and N(mu2, S2) is
 but Tr (S1 S2)^(1/2) = Tr (R S2 R)^(1/2) with R = S1^(1/2), and R S2 R is symmetric PSD, so two
 symmetric eigendecompositions in float64 give it without scipy's sqrtm.
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence

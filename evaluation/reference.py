@@ -5,6 +5,7 @@ samples are compared with half B's feature statistics. The floor is the distance
 half B with as many images per digit as the generated set has, so it carries the same
 small-sample bias: it is the score of a perfect generator, and the number to read a score against.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,7 @@ def split_halves(labels: np.ndarray, seed: int = SPLIT_SEED) -> tuple[np.ndarray
     """Indices of halves A and B: each digit's images permuted, its first half to A, the rest to B."""
     rng = np.random.default_rng(seed)
     halves = [rng.permutation(np.flatnonzero(labels == d)) for d in range(NUM_DIGITS)]
-    return (np.concatenate([h[:len(h) // 2] for h in halves]),
-            np.concatenate([h[len(h) // 2:] for h in halves]))
+    return (np.concatenate([h[: len(h) // 2] for h in halves]), np.concatenate([h[len(h) // 2 :] for h in halves]))
 
 
 def real_reference(judge: Judge, test_images: np.ndarray, test_labels: np.ndarray) -> RealReference:
@@ -53,5 +53,11 @@ def real_reference(judge: Judge, test_images: np.ndarray, test_labels: np.ndarra
     logits, features = judge_images(judge, test_images)
     half_a, half_b = split_halves(test_labels)
     mu, sigma = gaussian_stats(features[half_b])
-    return RealReference(mu, sigma, features[half_a], test_labels[half_a],
-                         conditional_accuracy(logits[half_a], test_labels[half_a]), len(half_b))
+    return RealReference(
+        mu,
+        sigma,
+        features[half_a],
+        test_labels[half_a],
+        conditional_accuracy(logits[half_a], test_labels[half_a]),
+        len(half_b),
+    )

@@ -1,4 +1,5 @@
 """Evaluation results as Markdown tables and a guidance-sweep plot (PIL only, no matplotlib)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,16 +27,22 @@ def result_tables(result: dict) -> str:
     sets = result["sets"]
     summary = markdown_table(
         ["prompts", "samples", "accuracy", "FMD", "FMD floor (real vs real)"],
-        [[SET_LABELS[name], s["samples"], percent(s["accuracy"]), f"{s['fmd']:.2f}", f"{s['fmd_floor']:.2f}"]
-         for name, s in sets.items()], "lrrrr")
+        [
+            [SET_LABELS[name], s["samples"], percent(s["accuracy"]), f"{s['fmd']:.2f}", f"{s['fmd_floor']:.2f}"]
+            for name, s in sets.items()
+        ],
+        "lrrrr",
+    )
     by_digit = markdown_table(
         ["accuracy by digit", *map(str, range(NUM_DIGITS))],
         [[SET_LABELS[name], *map(percent, sets[name]["per_digit"])] for name in sets if name != "all"],
-        "l" + "r" * NUM_DIGITS)
+        "l" + "r" * NUM_DIGITS,
+    )
     by_template = markdown_table(
         ["template", "prompts", "samples", "accuracy"],
         [[f"`{t['template']}`", t["set"], t["samples"], percent(t["accuracy"])] for t in result["per_template"]],
-        "llrr")
+        "llrr",
+    )
     title = f"guidance scale {result['guidance_scale']:g}: {sets_total(sets)} samples in {result['seconds']:.1f} s"
     return f"### {title}\n\n{summary}\n\n{by_digit}\n\n{by_template}\n"
 
@@ -51,8 +58,15 @@ def sweep_table(results: Sequence[dict]) -> str:
     rows = []
     for r in results:
         overall = r["sets"].get("all", r["sets"][names[0]])
-        rows.append([f"{r['guidance_scale']:g}", *[percent(r["sets"][n]["accuracy"]) for n in names],
-                     f"{overall['fmd']:.2f}", f"{overall['fmd_floor']:.2f}", f"{r['seconds']:.1f}"])
+        rows.append(
+            [
+                f"{r['guidance_scale']:g}",
+                *[percent(r["sets"][n]["accuracy"]) for n in names],
+                f"{overall['fmd']:.2f}",
+                f"{overall['fmd_floor']:.2f}",
+                f"{r['seconds']:.1f}",
+            ]
+        )
     return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
@@ -72,14 +86,15 @@ def plot_sweep(results: Sequence[dict], title: str) -> Image.Image:
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, 8), title, fill="black")
     draw_panel(draw, (MARGIN, MARGIN), "conditional accuracy (%)", scales, accuracy)
-    draw_panel(draw, (PANEL_W + MARGIN + MARGIN // 2, MARGIN), "Frechet MNIST distance (lower is better)",
-               scales, fmd)
+    draw_panel(draw, (PANEL_W + MARGIN + MARGIN // 2, MARGIN), "Frechet MNIST distance (lower is better)", scales, fmd)
     return image
 
 
-def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], label: str, scales: Sequence[str],
-               lines: dict[str, list[float]]) -> None:
-    """Axes with y ticks at the ends and middle of the range and x ticks at each guidance scale (evenly spaced), then the lines."""
+def draw_panel(
+    draw: ImageDraw.ImageDraw, origin: tuple[int, int], label: str, scales: Sequence[str], lines: dict[str, list[float]]
+) -> None:
+    """Axes with y ticks at the ends and middle of the range and x ticks at each guidance scale (evenly
+    spaced), then the lines."""
     x0, y0 = origin
     w, h = PANEL_W - MARGIN, PANEL_H - MARGIN // 2
     values = [v for series in lines.values() for v in series]

@@ -5,6 +5,7 @@ Each prompt set (seen = the training wordings, held-out = wordings never trained
 judged; accuracy is reported per set, per digit and per template, and the Fréchet MNIST
 distance per set beside the real-vs-real floor of the same size.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ PROMPT_SETS: Mapping[str, tuple[str, ...]] = {"seen": TRAIN_TEMPLATES, "held-out
 @dataclass(frozen=True)
 class PromptPlan:
     """One entry per sample, set-major, then digit-major."""
+
     prompts: list[str]
     digits: np.ndarray
     template_index: np.ndarray  # index into the set's templates
@@ -59,14 +61,18 @@ def plan_prompts(per_digit: int, prompt_sets: Mapping[str, tuple[str, ...]] = PR
     return PromptPlan(prompts, np.array(digits), np.array(index), templates, sets)
 
 
-def group_scores(logits: np.ndarray, features: np.ndarray, digits: np.ndarray,
-                 reference: RealReference) -> dict:
+def group_scores(logits: np.ndarray, features: np.ndarray, digits: np.ndarray, reference: RealReference) -> dict:
     """Accuracy overall and per digit, and the distance with its floor, of one class-balanced group."""
     floor, floor_samples = reference.floor(len(digits) // NUM_DIGITS)
     per_digit = accuracy_by(logits, digits, digits)
-    return {"samples": len(digits), "accuracy": conditional_accuracy(logits, digits),
-            "per_digit": [per_digit[d] for d in range(NUM_DIGITS)], "fmd": reference.distance(features),
-            "fmd_floor": floor, "floor_samples": floor_samples}
+    return {
+        "samples": len(digits),
+        "accuracy": conditional_accuracy(logits, digits),
+        "per_digit": [per_digit[d] for d in range(NUM_DIGITS)],
+        "fmd": reference.distance(features),
+        "fmd_floor": floor,
+        "floor_samples": floor_samples,
+    }
 
 
 def score(images: np.ndarray, plan: PromptPlan, judge: Judge, reference: RealReference) -> dict:
@@ -81,8 +87,10 @@ def score(images: np.ndarray, plan: PromptPlan, judge: Judge, reference: RealRef
     by_set = {name: group_scores(logits[m], features[m], plan.digits[m], reference) for name, m in groups.items()}
     keys = list(zip(plan.sets, plan.templates))
     counts = Counter(keys)
-    per_template = [{"set": name, "template": template, "samples": counts[name, template], "accuracy": accuracy}
-                    for (name, template), accuracy in accuracy_by(logits, plan.digits, keys).items()]
+    per_template = [
+        {"set": name, "template": template, "samples": counts[name, template], "accuracy": accuracy}
+        for (name, template), accuracy in accuracy_by(logits, plan.digits, keys).items()
+    ]
     return {"sets": by_set, "per_template": per_template}
 
 
@@ -94,8 +102,14 @@ def judge_and_reference(data_dir: str | None, device: torch.device) -> tuple[Jud
     return judge, real_reference(judge, mnist.test_images, mnist.test_labels)
 
 
-def evaluate_during_training(cfg: TrainConfig, net: torch.nn.Module, diffusion: GaussianDiffusion,
-                             table: torch.Tensor, rows: torch.Tensor, use_bf16: bool) -> dict[str, float]:
+def evaluate_during_training(
+    cfg: TrainConfig,
+    net: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    use_bf16: bool,
+) -> dict[str, float]:
     """A small evaluation of the seen wordings (the ones train.py's prompt table holds), sampled
     as the epoch's sample grid is, with a fixed seed so epochs are compared on the same noise.
 
@@ -106,8 +120,14 @@ def evaluate_during_training(cfg: TrainConfig, net: torch.nn.Module, diffusion: 
     judge, reference = judge_and_reference(cfg.data_dir, table.device)
     plan = plan_prompts(cfg.eval_samples, {"seen": TRAIN_TEMPLATES})
     cond = table[rows[torch.as_tensor(plan.digits), torch.as_tensor(plan.template_index)]]
-    images = generate(net, diffusion, cond, table[:1], cfg.sampling_options(), image_shape=IMAGE_SHAPE, seed=cfg.seed,
-                      bf16=use_bf16)
+    images = generate(
+        net, diffusion, cond, table[:1], cfg.sampling_options(), image_shape=IMAGE_SHAPE, seed=cfg.seed, bf16=use_bf16
+    )
     seen = score(to_uint8(images), plan, judge, reference)["sets"]["seen"]
-    return {"eval_accuracy": seen["accuracy"], "eval_fmd": seen["fmd"], "eval_fmd_floor": seen["fmd_floor"],
-            "eval_samples": seen["samples"], "eval_seconds": time.perf_counter() - start}
+    return {
+        "eval_accuracy": seen["accuracy"],
+        "eval_fmd": seen["fmd"],
+        "eval_fmd_floor": seen["fmd_floor"],
+        "eval_samples": seen["samples"],
+        "eval_seconds": time.perf_counter() - start,
+    }

@@ -5,6 +5,7 @@
 Seeded; light random-affine augmentation; AdamW with a one-cycle learning rate. The weights are
 stored in float16 and the test accuracy recorded in judge.json is measured on the stored weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,14 +61,15 @@ def train(judge: Judge, images: torch.Tensor, labels: torch.Tensor, args) -> Non
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = len(images) // args.batch_size
     optimizer = torch.optim.AdamW(judge.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate,
-                                                   total_steps=args.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.learning_rate, total_steps=args.epochs * steps_per_epoch
+    )
     judge.train()
     for epoch in range(1, args.epochs + 1):
         start, loss_sum, correct = time.perf_counter(), 0.0, 0
         order = torch.randperm(len(images), generator=generator)
         for i in range(steps_per_epoch):
-            batch = order[i * args.batch_size:(i + 1) * args.batch_size]
+            batch = order[i * args.batch_size : (i + 1) * args.batch_size]
             logits = judge(random_affine(judge_input(images[batch]), generator))
             loss = F.cross_entropy(logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -77,8 +79,11 @@ def train(judge: Judge, images: torch.Tensor, labels: torch.Tensor, args) -> Non
             loss_sum += loss.item()
             correct += (logits.argmax(1) == labels[batch]).sum().item()
         seen = steps_per_epoch * args.batch_size
-        print(f"epoch {epoch}/{args.epochs}: loss {loss_sum / steps_per_epoch:.4f}, "
-              f"train accuracy {correct / seen:.4f} (augmented), {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        print(
+            f"epoch {epoch}/{args.epochs}: loss {loss_sum / steps_per_epoch:.4f}, "
+            f"train accuracy {correct / seen:.4f} (augmented), {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
 
 
 def main() -> None:
@@ -102,22 +107,26 @@ def main() -> None:
         "storage": "float16 state dict",
         "training": {
             "command": f"python -m evaluation.train_judge --epochs {args.epochs} --batch_size {args.batch_size} "
-                       f"--learning_rate {args.learning_rate} --weight_decay {args.weight_decay} --seed {args.seed}",
+            f"--learning_rate {args.learning_rate} --weight_decay {args.weight_decay} --seed {args.seed}",
             "data": "MNIST training set (60,000 real images); no generated images",
-            "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
             "optimizer": f"AdamW, one-cycle learning rate peaking at {args.learning_rate}, "
-                         f"weight decay {args.weight_decay}",
+            f"weight decay {args.weight_decay}",
             "augmentation": f"random affine: rotation +-{MAX_ROTATION_DEG:g} deg, scale +-{MAX_SCALE:g}, "
-                            f"shift +-{MAX_SHIFT_PX:g} px",
+            f"shift +-{MAX_SHIFT_PX:g} px",
             "seconds": round(seconds, 1),
             "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                        f"load average {load:.1f} at the start (other jobs slow it down)",
+            f"load average {load:.1f} at the start (other jobs slow it down)",
             "torch": torch.__version__,
         },
     }
     atomic_write(args.out.with_suffix(".json"), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
-    print(f"test accuracy {record['test_accuracy']:.4f} ({errors} errors) after {seconds:.0f} s of training; "
-          f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    print(
+        f"test accuracy {record['test_accuracy']:.4f} ({errors} errors) after {seconds:.0f} s of training; "
+        f"wrote {args.out} and {args.out.with_suffix('.json')}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Rebuild what sampling needs from a checkpoint: the EMA UNet, the diffusion and the text encoder."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -50,7 +51,15 @@ def load_trained_model(path: Path, device: torch.device, text_encoder: str | Non
     try:
         net.load_state_dict(saved.ema_weights)
     except RuntimeError:  # shapes or names differ from what this code builds for that config
-        raise UserError(f"checkpoint {path} holds weights of a different UNet than this version of "
-                        "models/unet.py builds from its config; sample with the code that trained it or retrain") from None
-    return TrainedModel(net.eval().requires_grad_(False), GaussianDiffusion.from_config(saved.config.diffusion),
-                        encoder, saved.config, Path(path), saved.epoch)
+        raise UserError(
+            f"checkpoint {path} holds weights of a different UNet than this version of "
+            "models/unet.py builds from its config; sample with the code that trained it or retrain"
+        ) from None
+    return TrainedModel(
+        net.eval().requires_grad_(False),
+        GaussianDiffusion.from_config(saved.config.diffusion),
+        encoder,
+        saved.config,
+        Path(path),
+        saved.epoch,
+    )

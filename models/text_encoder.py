@@ -20,6 +20,7 @@ plain GELU (for example open_clip's LAION ViT-B-32 checkpoints).
 output on fixed probe prompts; ``check_compatible`` compares a checkpoint's record with the
 encoder loaded now.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,7 @@ OPENAI_HUB_REPO = "timm/vit_base_patch32_clip_224.openai"
 OPENAI_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 PROBE_TIMEOUT_S = 3.0
 PREFETCH_HINT = (
-    "to prefetch them, run on a machine with internet: python -c \"import open_clip; "
+    'to prefetch them, run on a machine with internet: python -c "import open_clip; '
     "open_clip.create_model_and_transforms('ViT-B-32-quickgelu', pretrained='openai')\" "
     "and copy its Hugging Face cache (~/.cache/huggingface) here, "
     "or pass a local CLIP weights file path"
@@ -177,9 +178,7 @@ def check_compatible(saved_record: dict, encoder_record: dict) -> None:
     weights file that moved still matches while different weights never do.
     """
     same_kind = saved_record.get("weights") == encoder_record.get("weights")
-    if same_kind and _fingerprints_match(
-        saved_record.get("fingerprint", []), encoder_record.get("fingerprint", [])
-    ):
+    if same_kind and _fingerprints_match(saved_record.get("fingerprint", []), encoder_record.get("fingerprint", [])):
         return
     raise UserError(
         f"checkpoint was trained with text encoder {_describe(saved_record)} but "
@@ -189,8 +188,7 @@ def check_compatible(saved_record: dict, encoder_record: dict) -> None:
 
 def _fingerprints_match(saved: list[float], current: list[float]) -> bool:
     return len(saved) == len(current) and all(
-        math.isclose(a, b, rel_tol=FINGERPRINT_REL_TOL, abs_tol=FINGERPRINT_ABS_TOL)
-        for a, b in zip(saved, current)
+        math.isclose(a, b, rel_tol=FINGERPRINT_REL_TOL, abs_tol=FINGERPRINT_ABS_TOL) for a, b in zip(saved, current)
     )
 
 
@@ -207,9 +205,7 @@ def _flag_hint(record: dict) -> str:
     return f"--text_encoder {kind}"
 
 
-def _build_tower(
-    weights: str, seed: int, quick_gelu: bool
-) -> tuple[torch.nn.Module, str, str]:
+def _build_tower(weights: str, seed: int, quick_gelu: bool) -> tuple[torch.nn.Module, str, str]:
     """Return ``(tower, kind, source)`` for the requested weights."""
     if weights == "random":
         return _random_tower(seed, quick_gelu), "random", f"seed={seed}"
@@ -253,8 +249,7 @@ def _loaded_tower(path: Path, quick_gelu: bool) -> torch.nn.Module:
 def _read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise UserError(
-            f"text encoder weights file not found: {path} "
-            "(expected auto, openai, random or a weights file path)"
+            f"text encoder weights file not found: {path} (expected auto, openai, random or a weights file path)"
         )
     try:
         if path.suffix == ".safetensors":
@@ -277,9 +272,7 @@ def _text_state_dict(state_dict: dict) -> dict:
     """Keep the text tower's keys and cut the positional embedding to 8 rows."""
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     text = {
-        k: v
-        for k, v in state_dict.items()
-        if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")
+        k: v for k, v in state_dict.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")
     }
     if "positional_embedding" in text:
         text["positional_embedding"] = text["positional_embedding"][:CONTEXT_LENGTH]
@@ -301,8 +294,7 @@ def _openai_weights_file() -> Path:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if not _hub_answers(endpoint, PROBE_TIMEOUT_S):
         raise _WeightsUnavailable(
-            f"not in the local Hugging Face cache and {endpoint} did not answer "
-            f"within {PROBE_TIMEOUT_S:g} s"
+            f"not in the local Hugging Face cache and {endpoint} did not answer within {PROBE_TIMEOUT_S:g} s"
         )
     return _download_hub_file()
 
@@ -361,7 +353,7 @@ def _hub_answers(endpoint: str, timeout: float) -> bool:
 def _warn_fallback(reason: str) -> None:
     message = (
         f"OpenAI CLIP weights are unavailable ({reason}); using a RANDOMLY INITIALISED text "
-        f"encoder instead. It separates prompts but knows no meaning (\"7\" and \"seven\" are "
+        f'encoder instead. It separates prompts but knows no meaning ("7" and "seven" are '
         f"unrelated to it). To use the real weights: {PREFETCH_HINT}."
     )
     bar = "!" * 78

@@ -15,6 +15,7 @@ feed-forward is ``ff_mult`` (2) times the width. Two paths compute the same func
 upsampling (nearest-neighbour x2, then a 3x3 conv) is one stride-2 transposed conv at 4/9 of the
 multiply-adds (Upsample), and bf16 attention on the CPU avoids a slow fused kernel (attention).
 """
+
 from __future__ import annotations
 
 import math

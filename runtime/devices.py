@@ -1,5 +1,6 @@
 """Which device to run on, and whether to autocast to bf16 and torch.compile there: one rule for
 training, sampling, evaluation and the benchmarks."""
+
 from __future__ import annotations
 
 import re

@@ -10,6 +10,7 @@ Exit statuses (SLURM scripts and wrappers rely on them):
   SIGINT or SIGUSR1 and wrote a checkpoint first; ``train.py --resume`` continues exactly there.
 - anything else: a crash (a traceback says where); the newest checkpoint is still intact.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Crash-safe file writing, shared by the data cache, checkpoints and images."""
+
 from __future__ import annotations
 
 import os

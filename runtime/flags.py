@@ -1,4 +1,5 @@
 """Command-line flags: argparse that fails in one line, and the checks every command shares."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ from runtime.errors import UserError
 
 
 def suggest(name: str, known: Sequence[str]) -> str:
-    """"; did you mean 'x'?" for the closest of ``known`` to a mistyped ``name``, or ""."""
+    """ "; did you mean 'x'?" for the closest of ``known`` to a mistyped ``name``, or ""."""
     match = difflib.get_close_matches(name, known, n=1)
     return f"; did you mean {match[0]!r}?" if match else ""
 

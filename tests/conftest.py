@@ -1,4 +1,5 @@
 """Fixtures shared by several test files (the helpers they use live in tests/helpers.py)."""
+
 from pathlib import Path
 
 import pytest

@@ -6,6 +6,7 @@ to ``runtime.errors.run_cli``) under the given argv, environment and working fol
 ~4 s of imports a subprocess costs here. Everything the script may change globally (argv, the
 environment, the working folder, torch's thread count, the stop-signal handlers) is restored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,12 +30,34 @@ ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
+def tiny_flags(**values) -> tuple[str, ...]:
+    """train.py flags: configs/tiny.yaml, overridden by ``values`` (a list value gives several words)."""
+    flags = ["--config", str(TINY_CONFIG)]
+    for key, value in values.items():
+        flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return tuple(flags)
+
+
 def write_untrained_checkpoint(path: Path, **overrides) -> Path:
     """An untrained tiny UNet (widths 16, 32) saved as train.py saves the end of epoch 1: its samples are noise."""
-    cfg = TrainConfig.from_flat({"widths": [16, 32], "attention": [False, True], "layers_per_block": 1,
-                                 "head_dim": 16, "text_encoder": "random", **overrides})
-    state = TrainingState(cfg, torch.device("cpu"), rank=0, world_size=1, steps_per_epoch=1,
-                          text_encoder=build_text_encoder("random", seed=cfg.text_encoder_seed).record)
+    cfg = TrainConfig.from_flat(
+        {
+            "widths": [16, 32],
+            "attention": [False, True],
+            "layers_per_block": 1,
+            "head_dim": 16,
+            "text_encoder": "random",
+            **overrides,
+        }
+    )
+    state = TrainingState(
+        cfg,
+        torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        steps_per_epoch=1,
+        text_encoder=build_text_encoder("random", seed=cfg.text_encoder_seed).record,
+    )
     state.epoch_step = 1
     save_checkpoint(state.state_dict(), path)
     return path
@@ -43,7 +66,13 @@ def write_untrained_checkpoint(path: Path, **overrides) -> Path:
 @contextlib.contextmanager
 def script_context(argv: list[str], env: dict[str, str], cwd: Path):
     """sys.argv, os.environ, the working folder, one torch thread and the stop-signal handlers, restored after."""
-    saved = sys.argv, dict(os.environ), Path.cwd(), torch.get_num_threads(), {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    saved = (
+        sys.argv,
+        dict(os.environ),
+        Path.cwd(),
+        torch.get_num_threads(),
+        {s: signal.getsignal(s) for s in STOP_SIGNALS},
+    )
     sys.argv = argv
     os.environ.update(env)
     os.chdir(cwd)
@@ -63,8 +92,11 @@ def script_context(argv: list[str], env: dict[str, str], cwd: Path):
 def run_in_process(script: str, args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
     """(exit status, stderr) of ``python script args``, run in this process."""
     stderr = io.StringIO()
-    with script_context([script, *args], {**ENV, **env}, cwd), contextlib.redirect_stderr(stderr), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        script_context([script, *args], {**ENV, **env}, cwd),
+        contextlib.redirect_stderr(stderr),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             runpy.run_path(str(ROOT / script), run_name="__main__")
             status = 0

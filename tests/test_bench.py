@@ -1,39 +1,85 @@
 """The benchmarks' interface, run for real at toy sizes (the figures they print are not checked:
 speed belongs in the benchmark's output, not in tests)."""
+
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from ddpm import SAMPLERS
 from tests.helpers import ENV, ROOT
 
+pytestmark = pytest.mark.slow  # real processes (see pyproject.toml's markers)
+
 
 def run(module: str, *args) -> str:
-    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env={**os.environ, **ENV},
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
 
 def test_benchmark_writes_the_documented_json(tmp_path):
     out = tmp_path / "bench.json"
-    run("bench.benchmark", "--device", "cpu", "--precision", "fp32", "--skip", "peer", "--batch_size", 4,
-        "--repeats", 1, "--warmup", 1, "--sample_images", 2, "--sample_steps", 2, "--epoch_images", 512, "--json", out)
+    run(
+        "bench.benchmark",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--skip",
+        "peer",
+        "--batch_size",
+        4,
+        "--repeats",
+        1,
+        "--warmup",
+        1,
+        "--sample_images",
+        2,
+        "--sample_steps",
+        2,
+        "--epoch_images",
+        512,
+        "--json",
+        out,
+    )
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["batch_size"] == 4 and report["bf16"] is False
     assert report["ours"]["train_img_per_s"] > 0 and report["ours"]["params_m"] > 2
     assert "skipped" in report["peer"]
     assert [(row["config"], row["sampler"]) for row in report["sampling"]] == [
-        (config, sampler) for config in ("mnist.yaml", "cpu.yaml") for sampler in SAMPLERS]
+        (config, sampler) for config in ("mnist.yaml", "cpu.yaml") for sampler in SAMPLERS
+    ]
     assert all(row["images"] == 2 and row["steps"] == 2 and row["seconds"] > 0 for row in report["sampling"])
     epoch = report["epoch"]
     assert epoch["images"] == 512 and epoch["startup_s"] > 0 and epoch["epoch_s"] > epoch["loop_s"] > 0
 
 
 def test_sampler_benchmark_prints_a_row_per_sampler_and_step_count(checkpoint):
-    table = run("bench.samplers", "--checkpoint", checkpoint, "--samplers", "ddim,dpmpp_2m", "--steps", "1,3",
-                "--num_images", 10, "--batch_size", 4, "--precision", "fp32")
+    table = run(
+        "bench.samplers",
+        "--checkpoint",
+        checkpoint,
+        "--samplers",
+        "ddim,dpmpp_2m",
+        "--steps",
+        "1,3",
+        "--num_images",
+        10,
+        "--batch_size",
+        4,
+        "--precision",
+        "fp32",
+    )
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| d")]
     assert [(r[0].strip(), int(r[1])) for r in rows] == [("ddim", 1), ("ddim", 3), ("dpmpp_2m", 1), ("dpmpp_2m", 3)]
     for row in rows:

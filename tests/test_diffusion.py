@@ -1,4 +1,5 @@
 """The diffusion math against closed forms computed independently in float64 NumPy."""
+
 import math
 
 import numpy as np
@@ -62,7 +63,9 @@ def test_q_posterior_is_bayes_rule(diffusion):
         ab_prev, ab = f(ti) / f(0), f(ti + 1) / f(0)
         alpha, beta = ab / ab_prev, 1 - ab / ab_prev
         precision = 1 / (1 - ab_prev) + alpha / beta
-        expected_mean = (math.sqrt(ab_prev) * x0[i].numpy() / (1 - ab_prev) + math.sqrt(alpha) * x_t[i].numpy() / beta) / precision
+        expected_mean = (
+            math.sqrt(ab_prev) * x0[i].numpy() / (1 - ab_prev) + math.sqrt(alpha) * x_t[i].numpy() / beta
+        ) / precision
         np.testing.assert_allclose(mean[i].numpy(), expected_mean, rtol=1e-9)
         np.testing.assert_allclose(var[i].numpy(), 1 / precision, rtol=1e-9)
 
@@ -78,7 +81,10 @@ def test_posterior_at_t0_is_x0(diffusion):
 def test_predictions_invert(prediction):
     diffusion = GaussianDiffusion(cosine_beta_schedule(T), prediction=prediction)
     g = torch.Generator().manual_seed(2)
-    x0, noise = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64)
+    x0, noise = (
+        torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64),
+    )
     t = torch.tensor([3, 300, 990])
     x_t = diffusion.q_sample(x0, t, noise)
     torch.testing.assert_close(diffusion.predict_x0(x_t, t, noise), x0)
@@ -87,9 +93,15 @@ def test_predictions_invert(prediction):
 
 def test_v_target_closed_form():
     diffusion = GaussianDiffusion(cosine_beta_schedule(T), prediction="v")
-    x0, noise, t = torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64), torch.full((1, 1, 1, 1), -2.0, dtype=torch.float64), torch.tensor([250])
+    x0, noise, t = (
+        torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64),
+        torch.full((1, 1, 1, 1), -2.0, dtype=torch.float64),
+        torch.tensor([250]),
+    )
     ab = f(251) / f(0)
-    assert diffusion.training_target(x0, t, noise).item() == pytest.approx(math.sqrt(ab) * -2.0 - math.sqrt(1 - ab) * 0.5, rel=1e-12)
+    assert diffusion.training_target(x0, t, noise).item() == pytest.approx(
+        math.sqrt(ab) * -2.0 - math.sqrt(1 - ab) * 0.5, rel=1e-12
+    )
 
 
 def test_training_loss_is_mse():
@@ -123,4 +135,6 @@ def test_classifier_free_guidance_combines_in_one_call():
     assert calls == [6]
     torch.testing.assert_close(eps, torch.full((3, 1, 2, 2), 0.5 + 8.0 * (2.0 - 0.5)))
     unguided = classifier_free_guidance(net, diffusion, cond, uncond, scale=1.0)
-    torch.testing.assert_close(unguided(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)), torch.full((3, 1, 2, 2), 2.0))
+    torch.testing.assert_close(
+        unguided(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)), torch.full((3, 1, 2, 2), 2.0)
+    )

@@ -1,5 +1,6 @@
 """Tests of evaluation/ and evaluate.py: the committed judge against the real MNIST test set,
 the metrics against closed forms, and evaluate.py end to end on a configs/tiny.yaml checkpoint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,10 @@ def test_conditional_accuracy_on_hand_made_logits():
     digits = np.array([0, 1, 2, 2])
     assert conditional_accuracy(logits, digits) == 0.5
     assert accuracy_by(logits, digits, digits) == {0: 1.0, 1: 1.0, 2: 0.0}
-    assert accuracy_by(logits, digits, [("a", "x"), ("b", "y"), ("b", "y"), ("a", "x")]) == {("a", "x"): 0.5,
-                                                                                             ("b", "y"): 0.5}
+    assert accuracy_by(logits, digits, [("a", "x"), ("b", "y"), ("b", "y"), ("a", "x")]) == {
+        ("a", "x"): 0.5,
+        ("b", "y"): 0.5,
+    }
     with pytest.raises(ValueError):
         conditional_accuracy(logits[:0], digits[:0])
 
@@ -130,11 +133,23 @@ def test_plan_uses_every_template_and_names_the_right_digit():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_eval")
-    check(run("train.py", "--config", "configs/tiny.yaml", "--output_dir", str(out),
-              "--eval_every", "1", "--eval_samples", "2"))
+    check(
+        run(
+            "train.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--output_dir",
+            str(out),
+            "--eval_every",
+            "1",
+            "--eval_samples",
+            "2",
+        )
+    )
     return out
 
 
+@pytest.mark.slow
 def test_training_logs_judge_metrics(tiny_run):
     lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in lines if "eval_accuracy" in m]
@@ -144,10 +159,26 @@ def test_training_logs_judge_metrics(tiny_run):
         assert math.isfinite(m["eval_fmd"]) and m["eval_fmd"] >= 0 and m["eval_fmd_floor"] >= 0
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
     checkpoint = tiny_run / "checkpoints" / "checkpoint_epoch_0002.pt"
-    proc = check(run("evaluate.py", "--checkpoint", str(checkpoint), "--num_samples", "3", "--steps", "2",
-                     "--guidance_scale", "1,3", "--seed", "5", "--batch_size", "16"))
+    proc = check(
+        run(
+            "evaluate.py",
+            "--checkpoint",
+            str(checkpoint),
+            "--num_samples",
+            "3",
+            "--steps",
+            "2",
+            "--guidance_scale",
+            "1,3",
+            "--seed",
+            "5",
+            "--batch_size",
+            "16",
+        )
+    )
     assert "| seen wordings | 30 |" in proc.stdout and "### guidance sweep" in proc.stdout
     stem = "checkpoint_epoch_0002_eval_dpmpp_2m_2steps_cfg1-3_n3_seed5"
     report = json.loads((checkpoint.parent / f"{stem}.json").read_text())
@@ -171,17 +202,21 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
     assert plot.format == "PNG" and plot.width > 600
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num_samples", "0"], "--num_samples must be at least 1"),
-    (["--guidance_scale", "1,x"], "--guidance_scale must be a number or a comma list"),
-    (["--guidance_scale", "4,-1"], "--guidance_scale values must be >= 0"),
-    (["--sampler", "euler"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_samples", "0"], "--num_samples must be at least 1"),
+        (["--guidance_scale", "1,x"], "--guidance_scale must be a number or a comma list"),
+        (["--guidance_scale", "4,-1"], "--guidance_scale values must be >= 0"),
+        (["--sampler", "euler"], "invalid choice"),
+    ],
+)
 def test_evaluate_rejects_bad_flags(flags, message):
     with pytest.raises(UserError, match=message):
         evaluate.parse_args(flags)
 
 
+@pytest.mark.slow
 def test_evaluate_missing_checkpoint_fails_in_one_line(tmp_path):
     proc = run("evaluate.py", "--checkpoint", str(tmp_path / "none.pt"))
     assert proc.returncode == 2 and not list(tmp_path.iterdir())

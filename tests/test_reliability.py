@@ -6,6 +6,7 @@ and resumed again to the end. Both end with bitwise the same model, EMA and opti
 and the same logged losses. Then the checkpoint discovery is fed torn, bit-flipped, renamed and
 foreign files, and the guard rails are run on a learning rate that blows up.
 """
+
 import json
 import os
 import shutil
@@ -19,14 +20,22 @@ import pytest
 import torch
 
 from runtime.errors import EXIT_RESUMABLE, EXIT_USER_ERROR
-from tests.helpers import ROOT, run_in_process
+from tests.helpers import ROOT, run_in_process, tiny_flags
 from training.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints, step_checkpoint_path
 from training.stopping import NonFiniteGuard
 
 # configs/tiny.yaml made smaller: 8 steps per epoch of 16 images, 2 epochs, a mid-epoch checkpoint every 3 steps.
-MICRO = ("--config", str(ROOT / "configs" / "tiny.yaml"), "--widths", "8", "16", "--head_dim", "8", "--train_subset", "128",
-         "--batch_size", "16", "--log_every", "1", "--samples_per_digit", "1", "--sample_steps", "2",
-         "--checkpoint_every_steps", "3", "--device", "cpu")
+MICRO = tiny_flags(
+    widths=[8, 16],
+    head_dim=8,
+    train_subset=128,
+    batch_size=16,
+    log_every=1,
+    samples_per_digit=1,
+    sample_steps=2,
+    checkpoint_every_steps=3,
+    device="cpu",
+)
 TOTAL_STEPS = 16
 # One thread: the runs are bitwise reproducible at any fixed thread count, and much faster on a busy machine.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -39,7 +48,9 @@ def start(out: Path, *extra: str) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, expected: int) -> str:
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == expected, f"exit {proc.returncode}, expected {expected}:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    assert proc.returncode == expected, (
+        f"exit {proc.returncode}, expected {expected}:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    )
     return stdout + stderr
 
 
@@ -94,6 +105,7 @@ def state_bytes(state) -> dict:
     return {"": repr(state).encode()}
 
 
+@pytest.mark.slow
 def test_killed_and_stopped_run_ends_bitwise_identical(runs):
     straight, broken, resumed_at = runs
     first, second = resumed_at
@@ -108,6 +120,7 @@ def test_killed_and_stopped_run_ends_bitwise_identical(runs):
     assert a["ema"]["updates"] == b["ema"]["updates"] == TOTAL_STEPS
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_each_step_once_with_the_same_losses(runs):
     straight, broken, _ = runs
 
@@ -123,6 +136,7 @@ def test_resumed_run_logs_each_step_once_with_the_same_losses(runs):
     assert len(stops) == 1 and stops[0]["signal"] == "SIGTERM" and Path(stops[0]["checkpoint"]).is_file()
 
 
+@pytest.mark.slow
 def test_latest_checkpoint_is_never_fooled(runs, tmp_path):
     _, broken, _ = runs
     shutil.copytree(broken / "checkpoints", tmp_path / "checkpoints")
@@ -142,6 +156,7 @@ def test_latest_checkpoint_is_never_fooled(runs, tmp_path):
     assert latest_checkpoint(tmp_path) == step_checkpoint_path(tmp_path, 15)  # the bit-flipped "16" is skipped
 
 
+@pytest.mark.slow
 def test_prune_keeps_the_newest_and_spares_what_is_not_a_checkpoint(runs, tmp_path):
     _, broken, _ = runs
     shutil.copytree(broken / "checkpoints", tmp_path / "checkpoints")
@@ -204,8 +219,11 @@ def test_guard_without_skipping_records_the_first_bad_step_without_a_sync():
 
 def test_every_torch_load_in_the_product_is_weights_only():
     """Checkpoints and weight files are data: no torch.load in the product may unpickle code."""
-    product = [p for p in ROOT.rglob("*.py") if not {"tests", "bench"} & set(p.relative_to(ROOT).parts)
-               and not p.relative_to(ROOT).parts[0].startswith(".")]
+    product = [
+        p
+        for p in ROOT.rglob("*.py")
+        if not {"tests", "bench"} & set(p.relative_to(ROOT).parts) and not p.relative_to(ROOT).parts[0].startswith(".")
+    ]
     calls = [(p, line) for p in product for line in p.read_text().splitlines() if "torch.load(" in line]
     assert calls, "expected the checkpoint loader among the calls"
     unsafe = [f"{p.relative_to(ROOT)}: {line.strip()}" for p, line in calls if "weights_only=True" not in line]

@@ -1,5 +1,6 @@
 """sample.py's sampling flags, in process, on an untrained tiny checkpoint (the outputs are noise;
 what is checked is where they go and what reaches the sampler)."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,13 +15,16 @@ def run_sample(monkeypatch, *args):
     sample.main()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--sampler", "dpmpp_2m", "--eta", "0.5"], "--eta only applies to --sampler ddim"),
-    (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
-    (["--out", "grid.jpg"], "--out must end in .png"),
-    (["--threshold", "static"], "--threshold"),
-    (["--spacing", "uniform"], "--spacing"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--sampler", "dpmpp_2m", "--eta", "0.5"], "--eta only applies to --sampler ddim"),
+        (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+        (["--out", "grid.jpg"], "--out must end in .png"),
+        (["--threshold", "static"], "--threshold"),
+        (["--spacing", "uniform"], "--spacing"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(flags, message):
     with pytest.raises(UserError, match=message):
         sample.parse_args(["--prompt", "3", *flags])
@@ -31,8 +35,28 @@ def test_every_output_and_the_negative_prompt(checkpoint, tmp_path, monkeypatch,
     real_generate = sample.generate
     monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append((a, k)) or real_generate(*a, **k))
     out = tmp_path / "grid.png"
-    common = ["--checkpoint", checkpoint, "--prompt", "3", "--prompt", "blurry", "--num_samples", 3, "--steps", 4,
-              "--out", out, "--sampler", "ddim", "--eta", 0.5, "--threshold", "dynamic", "--batch_size", 4]
+    common = [
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        "3",
+        "--prompt",
+        "blurry",
+        "--num_samples",
+        3,
+        "--steps",
+        4,
+        "--out",
+        out,
+        "--sampler",
+        "ddim",
+        "--eta",
+        0.5,
+        "--threshold",
+        "dynamic",
+        "--batch_size",
+        4,
+    ]
     run_sample(monkeypatch, *common, "--negative_prompt", "blurry", "--save_individual", "--trajectory")
 
     folder, gif = tmp_path / "grid", tmp_path / "grid.gif"

@@ -6,6 +6,7 @@ by it must return samples distributed as N(mu, s^2), and the probability-flow OD
 every quantile, maps x_T to x0 = mu + s (x_T - sqrt(ab_T) mu) / sqrt(ab_T s^2 + 1 - ab_T) exactly.
 For a point mass at v, eps = (x_t - sqrt(ab) v) / sqrt(1 - ab) and every x0 prediction is v.
 """
+
 import math
 
 import numpy as np
@@ -79,10 +80,16 @@ def test_ks_statistics_by_hand():
     assert ks_normal(np.array([0.0]), 0.0, 1.0) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("name,steps,options", [
-    ("ddpm", 1000, {}), ("ddim", 50, {}), ("ddim", 1000, {"eta": 1.0}), ("ddim", 250, {"eta": 0.5}),
-    ("dpmpp_2m", 20, {}),
-])
+@pytest.mark.parametrize(
+    "name,steps,options",
+    [
+        ("ddpm", 1000, {}),
+        ("ddim", 50, {}),
+        ("ddim", 1000, {"eta": 1.0}),
+        ("ddim", 250, {"eta": 0.5}),
+        ("dpmpp_2m", 20, {}),
+    ],
+)
 def test_sampler_reproduces_gaussian_data(diffusion, name, steps, options):
     x0 = draw(diffusion, name, steps, seed=0, **options)
     # 20,000 samples: the standard error of the mean is 0.0035, of the std about 0.0025.
@@ -98,7 +105,9 @@ def test_ddim_eta_one_is_ancestral_ddpm(diffusion):
     assert ddim.std() == pytest.approx(ddpm.std(), abs=0.015)
     assert ks_two_sample(ddpm, ddim) < KS_CRITICAL * math.sqrt(2 / N)
     # Same noise, same path: both formulas give the same Gaussian step (here with 30 respaced steps).
-    same_noise = [draw(diffusion, name, 30, seed=3, n=500, **opts) for name, opts in (("ddpm", {}), ("ddim", {"eta": 1.0}))]
+    same_noise = [
+        draw(diffusion, name, 30, seed=3, n=500, **opts) for name, opts in (("ddpm", {}), ("ddim", {"eta": 1.0}))
+    ]
     np.testing.assert_allclose(*same_noise, rtol=0, atol=1e-9)
 
 
@@ -108,7 +117,9 @@ def ode_errors(diffusion, name, spacing, step_counts):
     x_T = torch.linspace(-3, 3, 61, dtype=torch.float64).reshape(-1, 1, 1, 1)
     exact = MU + SIGMA * (x_T - math.sqrt(ab) * MU) / math.sqrt(ab * SIGMA**2 + 1 - ab)
     eps_fn = gaussian_eps_fn(diffusion)
-    return [(SAMPLERS[name](eps_fn, x_T, diffusion, n, spacing=spacing) - exact).abs().max().item() for n in step_counts]
+    return [
+        (SAMPLERS[name](eps_fn, x_T, diffusion, n, spacing=spacing) - exact).abs().max().item() for n in step_counts
+    ]
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
@@ -144,8 +155,16 @@ def test_callback_sees_every_step(diffusion, name, options):
         return gaussian_eps_fn(diffusion)(x, t)
 
     x_T = torch.randn(3, 1, 2, 2, dtype=torch.float64)
-    out = SAMPLERS[name](eps_fn, x_T, diffusion, 7, generator=torch.Generator().manual_seed(0),
-                         spacing="linspace", callback=lambda *a: seen.append(a), **options)
+    out = SAMPLERS[name](
+        eps_fn,
+        x_T,
+        diffusion,
+        7,
+        generator=torch.Generator().manual_seed(0),
+        spacing="linspace",
+        callback=lambda *a: seen.append(a),
+        **options,
+    )
     assert [i for i, *_ in seen] == list(range(7))
     assert [t for _, t, *_ in seen] == [int(t[0]) for _, t in calls] == sampling_timesteps(1000, 7, "linspace")
     assert all(t.dtype == torch.int64 and t.shape == (3,) for _, t in calls)
@@ -197,8 +216,14 @@ def test_samplers_return_the_thresholded_prediction(diffusion, name):
     expected = {"none": v, "clip": v.clamp(-1, 1), "dynamic": v.clamp(-s, s) / s}
     for mode, want in expected.items():
         x_T = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        got = SAMPLERS[name](point_mass_eps_fn(diffusion, v), x_T, diffusion, 10, threshold=mode,
-                             generator=torch.Generator().manual_seed(1))
+        got = SAMPLERS[name](
+            point_mass_eps_fn(diffusion, v),
+            x_T,
+            diffusion,
+            10,
+            threshold=mode,
+            generator=torch.Generator().manual_seed(1),
+        )
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
 
@@ -211,7 +236,9 @@ def test_thresholded_eps_stays_consistent(diffusion, name):
     x_T = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     e = (x_T - ab[-1].sqrt() * c) / (1 - ab[-1]).sqrt()
     seen = []
-    SAMPLERS[name](point_mass_eps_fn(diffusion, v), x_T, diffusion, 10, threshold="clip", callback=lambda *a: seen.append(a))
+    SAMPLERS[name](
+        point_mass_eps_fn(diffusion, v), x_T, diffusion, 10, threshold="clip", callback=lambda *a: seen.append(a)
+    )
     for _, t, x_t, x0 in seen:
         torch.testing.assert_close(x_t, ab[t].sqrt() * c + (1 - ab[t]).sqrt() * e, rtol=0, atol=1e-9)
         torch.testing.assert_close(x0, c, rtol=0, atol=1e-9)
@@ -220,6 +247,7 @@ def test_thresholded_eps_stays_consistent(diffusion, name):
 # ----------------------------------------------------------------------------- guidance and seeds
 class FakeEncoder:
     """Every prompt's tokens are filled with its id: what reaches the network says which prompt it was."""
+
     ids = {"": 0.0, "3": 1.0, "8": 2.0, "blurry": 3.0}
 
     def encode(self, prompts):
@@ -252,8 +280,15 @@ def test_negative_prompt_replaces_the_unconditional_half(diffusion, negative, ex
         return gaussian_eps_fn(diffusion)(x, t)
 
     cond, uncond = prompt_contexts(FakeEncoder().encode, ["3", "8"], 3, negative)
-    generate(net, diffusion, cond, uncond, SamplingOptions(sampler="ddim", steps=4, guidance_scale=5.0),
-             image_shape=IMAGE_SHAPE, batch_size=4)
+    generate(
+        net,
+        diffusion,
+        cond,
+        uncond,
+        SamplingOptions(sampler="ddim", steps=4, guidance_scale=5.0),
+        image_shape=IMAGE_SHAPE,
+        batch_size=4,
+    )
     assert len(contexts) == 4 * 2  # 4 steps x 2 batches (4 + 2 images)
     for context in contexts:
         cond_half, uncond_half = context[:, 0, 0].chunk(2)
@@ -271,8 +306,9 @@ def test_same_seed_same_images_whatever_the_batch(diffusion, name, options):
 
     cond, uncond = prompt_contexts(FakeEncoder().encode, ["3"] * 4 + ["8"] * 3, 1, "")
     sampling = SamplingOptions(sampler=name, steps=10, guidance_scale=3.0, **options)
-    run = lambda seed, batch: generate(net, diffusion, cond, uncond, sampling, image_shape=IMAGE_SHAPE, seed=seed,
-                                       batch_size=batch)
+    run = lambda seed, batch: generate(
+        net, diffusion, cond, uncond, sampling, image_shape=IMAGE_SHAPE, seed=seed, batch_size=batch
+    )
     all_at_once = run(5, 7)
     assert all_at_once.shape == (7, 1, 28, 28)
     for batch in (1, 3, 7):

@@ -6,6 +6,7 @@ a run sent the pre-emption warning mid-epoch, and a run on a node without the da
 with the reason, only where SLURM cannot run: not root, or Debian's slurmctld, slurmd,
 slurm-client and munge are not installed (.ci/run installs them).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,8 @@ from PIL import Image
 from data import load_mnist
 from training.checkpoints import latest_checkpoint, load_checkpoint
 
+pytestmark = pytest.mark.slow  # real processes (see pyproject.toml's markers)
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 SCRIPT = ROOT / "slurm" / "train.sbatch"
@@ -38,8 +41,10 @@ def missing_requirement() -> str | None:
         return "SLURM's slurmd and munged must be started as root"
     missing = [name for name in DAEMONS if not shutil.which(name, path=os.environ["PATH"] + ":/usr/sbin")]
     if missing:
-        return (f"{', '.join(missing)} not installed: apt-get install -y --no-install-recommends "
-                "slurmctld slurmd slurm-client munge")
+        return (
+            f"{', '.join(missing)} not installed: apt-get install -y --no-install-recommends "
+            "slurmctld slurmd slurm-client munge"
+        )
     return None
 
 
@@ -65,10 +70,26 @@ class Cluster:
         return subprocess.run(command, env=self.env, check=True, capture_output=True, text=True).stdout
 
     def submit(self, work: Path, train_args: str, **env_vars: str) -> str:
-        env = dict(self.env, **env_vars, CONFIG="configs/tiny.yaml", OUTPUT_DIR=str(work / "out"), LOG_DIR=str(work / "logs"),
-                   NPROC_PER_NODE="2", PYTHON=sys.executable, TRAIN_ARGS=f"--device cpu {train_args}")
-        command = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--gpus-per-node=0", "--time=10",
-                   f"--output={work}/slurm-%j.out", str(SCRIPT)]
+        env = dict(
+            self.env,
+            **env_vars,
+            CONFIG="configs/tiny.yaml",
+            OUTPUT_DIR=str(work / "out"),
+            LOG_DIR=str(work / "logs"),
+            NPROC_PER_NODE="2",
+            PYTHON=sys.executable,
+            TRAIN_ARGS=f"--device cpu {train_args}",
+        )
+        command = [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--cpus-per-task=2",
+            "--gpus-per-node=0",
+            "--time=10",
+            f"--output={work}/slurm-%j.out",
+            str(SCRIPT),
+        ]
         return subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -110,7 +131,7 @@ def cluster():
     try:
         started = subprocess.run([str(CLUSTER), "start", str(folder)], env=env, capture_output=True, text=True)
         assert started.returncode == 0, f"local_cluster.sh start failed: {started.stderr}{tail(folder / 'log')}"
-        load_mnist()  # what prefetch.py does on a login node: the offline jobs read this cache (tiny.yaml needs no CLIP)
+        load_mnist()  # what prefetch.py does on a login node: the offline jobs read this cache (no CLIP needed)
         yield cluster
     finally:
         cluster.stop_jobs()
@@ -143,8 +164,10 @@ def test_two_nodes_two_processes_each(cluster, tmp_path):
     job_id = cluster.submit(tmp_path, "--num_epochs 2 --train_subset 512 --batch_size 64 --log_every 1")
     job = cluster.wait(job_id, lambda job: False)
     logs = attempt_logs(tmp_path)
-    print(f"job {job_id}: {job['JobState']} exit {job['ExitCode']} in {time.monotonic() - start:.0f} s "
-          f"(RunTime {job['RunTime']})")
+    print(
+        f"job {job_id}: {job['JobState']} exit {job['ExitCode']} in {time.monotonic() - start:.0f} s "
+        f"(RunTime {job['RunTime']})"
+    )
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", logs
     assert len(logs) == 1
     for node in (0, 1):  # srun --label numbers the nodes' lines
@@ -155,8 +178,10 @@ def test_two_nodes_two_processes_each(cluster, tmp_path):
 
 def test_preemption_warning_checkpoints_requeues_and_resumes(cluster, tmp_path):
     start = time.monotonic()
-    args = ("--num_epochs 2 --train_subset 768 --batch_size 64 --log_every 1 --stop_check_every 1 "
-            "--checkpoint_every_steps 1")
+    args = (
+        "--num_epochs 2 --train_subset 768 --batch_size 64 --log_every 1 --stop_check_every 1 "
+        "--checkpoint_every_steps 1"
+    )
     job_id = cluster.submit(tmp_path, args)
     job = cluster.wait(job_id, lambda job: latest_checkpoint(tmp_path / "out") is not None)
     assert job["JobState"] == "RUNNING", f"job {job_id} {job['JobState']} before its first checkpoint"
@@ -164,8 +189,10 @@ def test_preemption_warning_checkpoints_requeues_and_resumes(cluster, tmp_path):
     signalled = time.monotonic() - start
     job = cluster.wait(job_id, lambda job: False)
     logs = attempt_logs(tmp_path)
-    print(f"job {job_id}: signalled at {signalled:.0f} s, {job['JobState']} exit {job['ExitCode']} "
-          f"restarts {job['Restarts']} in {time.monotonic() - start:.0f} s (last attempt RunTime {job['RunTime']})")
+    print(
+        f"job {job_id}: signalled at {signalled:.0f} s, {job['JobState']} exit {job['ExitCode']} "
+        f"restarts {job['Restarts']} in {time.monotonic() - start:.0f} s (last attempt RunTime {job['RunTime']})"
+    )
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", logs
     assert job["Restarts"] == "1" and len(logs) == 2, logs
     assert "SIGUSR1" in logs[0] and "requeueing" in logs[0], logs[0]

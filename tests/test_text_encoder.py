@@ -3,6 +3,7 @@
 The loading path for real weights is checked with a randomly initialised full open_clip
 CLIP model saved to disk: its own 77-token forward pass is the reference.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -20,7 +21,10 @@ from runtime.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
-    "0", "seven", "a handwritten digit three", "a very very long prompt that must be cut short",
+    "0",
+    "seven",
+    "a handwritten digit three",
+    "a very very long prompt that must be cut short",
 ]
 EOT_TOKEN = 49407
 
@@ -58,9 +62,7 @@ def empty_hub_cache(tmp_path, monkeypatch) -> Path:
 
 
 @torch.no_grad()
-def reference_outputs(
-    model: torch.nn.Module, prompts: list[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_outputs(model: torch.nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token states and pooled embedding from the full 77-context model.
 
     The 8-token ids (truncated as the encoder sees them) are zero-padded to 77; causal
@@ -96,6 +98,7 @@ def test_shapes_dtypes_frozen_eval(random_encoder):
     assert not any(m.training for m in random_encoder.modules())
 
 
+@pytest.mark.slow
 def test_random_is_seeded_across_processes(random_encoder, tmp_path):
     out = tmp_path / "outputs.pt"
     code = (

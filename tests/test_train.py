@@ -1,4 +1,5 @@
 """train.py and sample.py end to end through their real command lines, on configs/tiny.yaml."""
+
 import hashlib
 import json
 import os
@@ -12,6 +13,8 @@ from PIL import Image
 
 from tests.helpers import ROOT
 from training.distributed import epoch_batches
+
+pytestmark = pytest.mark.slow  # real processes (see pyproject.toml's markers)
 
 
 def run(*args, check=True):
@@ -66,13 +69,27 @@ def test_sample_cli_is_reproducible(trained, tmp_path):
 
 
 def test_sample_default_path_is_under_output_dir(trained):
-    out = Path(run(sys.executable, "sample.py", "--prompt", "7", "--output_dir", str(trained), "--steps", "2").stdout.strip())
+    out = Path(
+        run(sys.executable, "sample.py", "--prompt", "7", "--output_dir", str(trained), "--steps", "2").stdout.strip()
+    )
     assert out.parent == trained / "samples" and out.is_file()
 
 
 def test_ddp_two_processes_stay_in_sync(tmp_path):
-    run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
-        "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--num_epochs", "1")
+    run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port for the rendezvous
+        "--nproc_per_node=2",
+        "train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--num_epochs",
+        "1",
+    )
     epoch = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "epoch_loss" in line]
     assert epoch == [pytest.approx({**epoch[0], "world_size": 2, "ranks_in_sync": True})]
     state = torch.load(tmp_path / "checkpoints" / "checkpoint_epoch_0001.pt", weights_only=True)

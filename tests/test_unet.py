@@ -14,7 +14,7 @@ from training.config import load_config_file
 
 def test_timestep_embedding_closed_form():
     emb = timestep_embedding(torch.tensor([0, 5]), 4, max_period=100.0)
-    freqs = torch.tensor([1.0, 100.0 ** -0.5])
+    freqs = torch.tensor([1.0, 100.0**-0.5])
     expected = torch.cat([torch.cos(5 * freqs), torch.sin(5 * freqs)])
     torch.testing.assert_close(emb[1], expected)
     torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
@@ -23,8 +23,15 @@ def test_timestep_embedding_closed_form():
 @pytest.fixture(params=[False, True], ids=["up_blocks=layers", "up_blocks=layers+1"])
 def net(request):
     torch.manual_seed(0)
-    net = UNet(UNetConfig(widths=(16, 32, 32), attention=(False, True, True), layers_per_block=1, head_dim=16,
-                          extra_up_block=request.param))
+    net = UNet(
+        UNetConfig(
+            widths=(16, 32, 32),
+            attention=(False, True, True),
+            layers_per_block=1,
+            head_dim=16,
+            extra_up_block=request.param,
+        )
+    )
     for module in net.modules():  # undo the zero inits so every path carries signal
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.normal_(module.weight, std=0.05)

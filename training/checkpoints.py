@@ -12,6 +12,7 @@ The newest checkpoint is the one whose *contents* hold the highest step, among t
 names match exactly, whose contents agree with their names and whose zip CRCs verify: a torn,
 truncated, bit-flipped, renamed or foreign file is skipped with a warning, never picked.
 """
+
 from __future__ import annotations
 
 import re
@@ -60,11 +61,13 @@ def verify_checksums(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise UserError(f"checkpoint {path} is truncated or not a checkpoint ({err}); "
-                        "delete it and use an earlier one") from None
+        raise UserError(
+            f"checkpoint {path} is truncated or not a checkpoint ({err}); delete it and use an earlier one"
+        ) from None
     if damaged is not None:
-        raise UserError(f"checkpoint {path} is corrupt (checksum mismatch in {damaged}); "
-                        "delete it and use an earlier one")
+        raise UserError(
+            f"checkpoint {path} is corrupt (checksum mismatch in {damaged}); delete it and use an earlier one"
+        )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -77,8 +80,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many kinds for a foreign file or a pickle that would run code
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}); "
-                        "delete it and use an earlier one") from None
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}); delete it and use an earlier one"
+        ) from None
     if not isinstance(payload, dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (missing config/ema/text_encoder)")
     return upgrade(payload, path)
@@ -109,8 +113,10 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointFile]:
             _warn(f"ignoring {path}: unreadable, or not a checkpoint this train.py wrote")
             continue
         if epoch_name and (epoch != int(epoch_name.group(1)) or batches_done != steps_per_epoch):
-            _warn(f"ignoring {path}: it holds {batches_done}/{steps_per_epoch} steps of epoch {epoch}, "
-                  "not the end of the epoch its name says")
+            _warn(
+                f"ignoring {path}: it holds {batches_done}/{steps_per_epoch} steps of epoch {epoch}, "
+                "not the end of the epoch its name says"
+            )
         elif step_name and step != int(step_name.group(1)):
             _warn(f"ignoring {path}: it holds step {step}, not its name's")
         else:
@@ -138,8 +144,10 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
         return Path(resume)
     path = latest_checkpoint(output_dir)
     if path is None and resume == "latest":
-        raise UserError(f"--resume found no checkpoint in {checkpoint_dir(output_dir)}; "
-                        "drop --resume to start fresh, or pass --resume auto")
+        raise UserError(
+            f"--resume found no checkpoint in {checkpoint_dir(output_dir)}; "
+            "drop --resume to start fresh, or pass --resume auto"
+        )
     return path
 
 

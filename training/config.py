@@ -6,6 +6,7 @@ The keys of the UNet's layout and of the diffusion are not written here: they ar
 ``model`` and ``diffusion`` sections, so the YAML files and flags stay flat (``widths: [32, 64]``,
 ``--prediction v``) while each field has one home.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,11 @@ from training.optimizer import LR_SCHEDULES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml"
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig}
+# The range checks of validate(), by key.
+POSITIVE_KEYS = """num_epochs batch_size num_train_timesteps log_every checkpoint_every sample_every samples_per_digit
+    sample_steps layers_per_block head_dim ff_mult patch_size groups eval_samples stop_check_every""".split()
+NON_NEGATIVE_KEYS = """train_subset weight_decay warmup_steps grad_clip dropout guidance_scale eval_every
+    global_batch_size checkpoint_every_steps keep_last max_bad_steps""".split()
 
 
 @dataclass
@@ -99,19 +105,16 @@ class TrainConfig:
 
     def sampling_options(self) -> SamplingOptions:
         """How training's sample grids and evaluations sample."""
-        return DEFAULT_SAMPLING.replace(sampler=self.sampler, steps=self.sample_steps,
-                                        guidance_scale=self.guidance_scale)
+        return DEFAULT_SAMPLING.replace(
+            sampler=self.sampler, steps=self.sample_steps, guidance_scale=self.guidance_scale
+        )
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise UserError naming the first out-of-range value."""
         values = SimpleNamespace(**self.to_flat())
-        require_positive(values, ("num_epochs", "batch_size", "num_train_timesteps", "log_every", "checkpoint_every",
-                                  "sample_every", "samples_per_digit", "sample_steps", "layers_per_block", "head_dim",
-                                  "ff_mult", "patch_size", "groups", "eval_samples", "stop_check_every"))
-        non_negative = ("train_subset", "weight_decay", "warmup_steps", "grad_clip", "dropout", "guidance_scale",
-                        "eval_every", "global_batch_size", "checkpoint_every_steps", "keep_last", "max_bad_steps")
-        for name in non_negative:
+        require_positive(values, POSITIVE_KEYS)
+        for name in NON_NEGATIVE_KEYS:
             if not getattr(values, name) >= 0:  # also refuses NaN
                 raise UserError(f"--{name} must be >= 0, got {getattr(values, name)}")
         if not self.learning_rate > 0:
@@ -120,8 +123,10 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.sample_steps > self.diffusion.num_train_timesteps:
-            raise UserError(f"--sample_steps {self.sample_steps} exceeds --num_train_timesteps "
-                            f"{self.diffusion.num_train_timesteps}; use at most {self.diffusion.num_train_timesteps}")
+            raise UserError(
+                f"--sample_steps {self.sample_steps} exceeds --num_train_timesteps "
+                f"{self.diffusion.num_train_timesteps}; use at most {self.diffusion.num_train_timesteps}"
+            )
         for key, (_, f) in flat_fields().items():
             choices = f.metadata.get("choices")
             if choices and getattr(values, key) not in choices:
@@ -131,13 +136,17 @@ class TrainConfig:
     def _validate_layout(self) -> None:
         model = self.model
         if len(model.widths) != len(model.attention):
-            raise UserError(f"--widths has {len(model.widths)} levels but --attention has {len(model.attention)}; "
-                            "give one attention flag per width")
+            raise UserError(
+                f"--widths has {len(model.widths)} levels but --attention has {len(model.attention)}; "
+                "give one attention flag per width"
+            )
         side, levels = IMAGE_SIZE / model.patch_size, len(model.widths)
         if side % 2 ** (levels - 1):
-            raise UserError(f"--patch_size {model.patch_size} with {levels} --widths levels: each level halves the "
-                            f"map, so {IMAGE_SIZE} / patch_size must divide by 2^(levels - 1); use patch_size 1 with "
-                            "up to 3 levels, 2 with up to 2, or 4 or 7 with 1")
+            raise UserError(
+                f"--patch_size {model.patch_size} with {levels} --widths levels: each level halves the "
+                f"map, so {IMAGE_SIZE} / patch_size must divide by 2^(levels - 1); use patch_size 1 with "
+                "up to 3 levels, 2 with up to 2, or 4 or 7 with 1"
+            )
         try:
             model.validate()
         except ValueError as err:
@@ -148,9 +157,11 @@ class TrainConfig:
         if not self.global_batch_size:
             return self.batch_size
         if self.global_batch_size % world_size:
-            raise UserError(f"--global_batch_size {self.global_batch_size} does not split evenly over world size "
-                            f"{world_size}; use a multiple of {world_size}, or set the per-process --batch_size "
-                            "and --global_batch_size 0")
+            raise UserError(
+                f"--global_batch_size {self.global_batch_size} does not split evenly over world size "
+                f"{world_size}; use a multiple of {world_size}, or set the per-process --batch_size "
+                "and --global_batch_size 0"
+            )
         return self.global_batch_size // world_size
 
 
@@ -159,7 +170,9 @@ def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
     keys: dict[str, tuple[str | None, dataclasses.Field]] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in SECTIONS:
-            keys.update((g.name, (f.name, g)) for g in dataclasses.fields(SECTIONS[f.name]) if not g.metadata.get("fixed"))
+            keys.update(
+                (g.name, (f.name, g)) for g in dataclasses.fields(SECTIONS[f.name]) if not g.metadata.get("fixed")
+            )
         else:
             keys[f.name] = (None, f)
     return keys
@@ -215,9 +228,14 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, str | None]:
     """
     parser = CliParser(prog="train.py", description="Train the text-conditioned MNIST diffusion model.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML file of defaults")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the newest checkpoint in --output_dir, or from PATH; "
-                             "--resume auto continues if there is one and starts fresh otherwise")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the newest checkpoint in --output_dir, or from PATH; "
+        "--resume auto continues if there is one and starts fresh otherwise",
+    )
     for key, (_, f) in flat_fields().items():
         _add_flag(parser, key, f)
     args = vars(parser.parse_args(argv))

@@ -1,5 +1,6 @@
 """What a training step reads: MNIST on the training device, and the text tokens of every training
 prompt, computed once (no text-encoder pass per step)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ class TrainingData:
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
         steps = len(self.images) // (batch_size * world_size)
         if steps == 0:
-            raise UserError(f"{len(self.images)} images cannot fill one step of batch {batch_size} x world size "
-                            f"{world_size}; lower --batch_size")
+            raise UserError(
+                f"{len(self.images)} images cannot fill one step of batch {batch_size} x world size "
+                f"{world_size}; lower --batch_size"
+            )
         return steps
 
 
@@ -44,7 +47,7 @@ def load_training_data(cfg: TrainConfig, procs: Processes) -> TrainingData:
     images = torch.from_numpy(mnist.train_images).to(procs.device)
     labels = torch.from_numpy(mnist.train_labels).to(procs.device).long()
     if cfg.train_subset:
-        images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
+        images, labels = images[: cfg.train_subset], labels[: cfg.train_subset]
     table, rows, record = prompt_table(cfg, procs)
     return TrainingData(images, labels, table, rows, record)
 

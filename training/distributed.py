@@ -1,4 +1,5 @@
 """DDP from torchrun's environment, in a few explicit lines, and the epoch's data shards."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The training loop: steps, logging, checkpoints, stop requests, and what each epoch ends with."""
+
 from __future__ import annotations
 
 import math
@@ -30,24 +31,41 @@ from training.stopping import StopSignals
 class Trainer:
     """Trains a :class:`TrainingState` from where it stands to the last epoch."""
 
-    def __init__(self, cfg: TrainConfig, state: TrainingState, data: TrainingData, procs: Processes,
-                 run: RunFolder, stop: StopSignals):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        state: TrainingState,
+        data: TrainingData,
+        procs: Processes,
+        run: RunFolder,
+        stop: StopSignals,
+    ):
         self.cfg, self.state, self.data, self.procs, self.run, self.stop = cfg, state, data, procs, run, stop
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self.bf16 = devices.use_bf16(cfg.precision, procs.device)
         self.compiled = devices.use_compile(cfg.compile, procs.device)
         device = procs.device
-        model = DDP(state.net, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=100,
-                    gradient_as_bucket_view=True) if procs.world_size > 1 else state.net
+        model = (
+            DDP(
+                state.net,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                bucket_cap_mb=100,
+                gradient_as_bucket_view=True,
+            )
+            if procs.world_size > 1
+            else state.net
+        )
         self.forward = torch.compile(model) if self.compiled else model
         self.images_per_step = cfg.batch_size * procs.world_size
 
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.state.net.parameters())
         record = self.data.encoder_record
-        return (f"device {self.procs.device}, world size {self.procs.world_size}, {n_params / 1e6:.2f}M parameters, "
-                f"{self.state.steps_per_epoch} steps/epoch of {self.cfg.batch_size}x{self.procs.world_size} images, "
-                f"bf16 {self.bf16}, compile {self.compiled}, text encoder {record['weights']} ({record['source']})")
+        return (
+            f"device {self.procs.device}, world size {self.procs.world_size}, {n_params / 1e6:.2f}M parameters, "
+            f"{self.state.steps_per_epoch} steps/epoch of {self.cfg.batch_size}x{self.procs.world_size} images, "
+            f"bf16 {self.bf16}, compile {self.compiled}, text encoder {record['weights']} ({record['source']})"
+        )
 
     def train(self) -> None:
         for epoch in range(self.state.epoch, self.cfg.num_epochs + 1):
@@ -82,12 +100,19 @@ class Trainer:
     def train_epoch(self) -> bool:
         """The rest of the state's epoch; whether a stop signal asked training to end after it."""
         cfg, state, procs = self.cfg, self.state, self.procs
-        shard = epoch_batches(len(self.data.images), cfg.seed, state.epoch, procs.rank, procs.world_size,
-                              cfg.batch_size).to(procs.device)
+        shard = epoch_batches(
+            len(self.data.images), cfg.seed, state.epoch, procs.rank, procs.world_size, cfg.batch_size
+        ).to(procs.device)
         state.net.train()
         window = (time.perf_counter(), state.step)  # when and at which step the logging window began
-        bar = tqdm(total=state.steps_per_epoch, initial=state.epoch_step, desc=f"epoch {state.epoch}/{cfg.num_epochs}",
-                   disable=not procs.master, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=state.steps_per_epoch,
+            initial=state.epoch_step,
+            desc=f"epoch {state.epoch}/{cfg.num_epochs}",
+            disable=not procs.master,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         stopping = False
         while not state.epoch_done:
             state.losses.add(self.train_step(shard[state.epoch_step]))
@@ -115,13 +140,21 @@ class Trainer:
             mean_loss = self.state.losses.take_window_mean()
             rate = (self.state.step - first_step) * self.images_per_step / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-            self.run.log({"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss,
-                          "lr": self.state.scheduler.get_last_lr()[0], "img_per_s": rate})
+            self.run.log(
+                {
+                    "step": self.state.step,
+                    "epoch": self.state.epoch,
+                    "loss": mean_loss,
+                    "lr": self.state.scheduler.get_last_lr()[0],
+                    "img_per_s": rate,
+                }
+            )
         return time.perf_counter(), self.state.step
 
     # ------------------------------------------------------------------ checkpoints and stopping
     def checkpoint_due(self, epoch_end: bool) -> bool:
-        """Every ``checkpoint_every_steps`` steps, and at the end of every ``checkpoint_every``-th and the last epoch."""
+        """Every ``checkpoint_every_steps`` steps, and at the end of every ``checkpoint_every``-th and the last
+        epoch."""
         cfg, epoch = self.cfg, self.state.epoch
         if cfg.checkpoint_every_steps and self.state.step % cfg.checkpoint_every_steps == 0:
             return True
@@ -134,7 +167,11 @@ class Trainer:
         state.guard.check()  # never save weights that a non-finite step has touched
         payload = state.state_dict()
         output_dir = self.run.path
-        path = checkpoint_path(output_dir, state.epoch) if state.epoch_done else step_checkpoint_path(output_dir, state.step)
+        path = (
+            checkpoint_path(output_dir, state.epoch)
+            if state.epoch_done
+            else step_checkpoint_path(output_dir, state.step)
+        )
         if self.procs.master:
             save_checkpoint(payload, path)
             prune_checkpoints(output_dir, self.cfg.keep_last)
@@ -146,8 +183,11 @@ class Trainer:
         step = self.state.step
         self.run.log({"step": step, "event": "stopped", "signal": self.stop.signal_name, "checkpoint": str(checkpoint)})
         if self.procs.master:
-            print(f"stopped by {self.stop.signal_name} after step {step}; {checkpoint} holds the state: "
-                  "continue with --resume", file=sys.stderr)
+            print(
+                f"stopped by {self.stop.signal_name} after step {step}; {checkpoint} holds the state: "
+                "continue with --resume",
+                file=sys.stderr,
+            )
         self.procs.shut_down()  # rank 0 has written the checkpoint before any rank exits (torchrun then kills the rest)
         sys.exit(EXIT_RESUMABLE)
 
@@ -160,9 +200,20 @@ class Trainer:
         in_sync = ranks_in_sync(state.net)
         if self.procs.master:
             epoch_loss = state.losses.epoch_sum.item() / state.steps_per_epoch
-            self.run.log({"step": state.step, "epoch": epoch, "epoch_loss": epoch_loss, "epoch_seconds": seconds,
-                          "world_size": self.procs.world_size, "ranks_in_sync": in_sync})
-            print(f"epoch {epoch}: loss {epoch_loss:.4f}, {seconds:.1f} s, {steps * self.images_per_step / seconds:.0f} img/s")
+            self.run.log(
+                {
+                    "step": state.step,
+                    "epoch": epoch,
+                    "epoch_loss": epoch_loss,
+                    "epoch_seconds": seconds,
+                    "world_size": self.procs.world_size,
+                    "ranks_in_sync": in_sync,
+                }
+            )
+            print(
+                f"epoch {epoch}: loss {epoch_loss:.4f}, {seconds:.1f} s, "
+                f"{steps * self.images_per_step / seconds:.0f} img/s"
+            )
         if stopping and epoch < cfg.num_epochs:
             self.exit_resumable(path)
         if not self.procs.master:
@@ -170,18 +221,29 @@ class Trainer:
         if epoch % cfg.sample_every == 0 or epoch == cfg.num_epochs:
             self.write_samples(self.run.sample_grid(epoch))
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.num_epochs):
-            scores = evaluate_during_training(cfg, state.ema.shadow, self.diffusion, self.data.prompt_table,
-                                              self.data.prompt_rows, self.bf16)
+            scores = evaluate_during_training(
+                cfg, state.ema.shadow, self.diffusion, self.data.prompt_table, self.data.prompt_rows, self.bf16
+            )
             self.run.log({"epoch": epoch, "step": state.step, **scores})
-            print(f"epoch {epoch}: judge accuracy {scores['eval_accuracy']:.3f}, FMD {scores['eval_fmd']:.2f} "
-                  f"(floor {scores['eval_fmd_floor']:.2f}), {scores['eval_seconds']:.1f} s")
+            print(
+                f"epoch {epoch}: judge accuracy {scores['eval_accuracy']:.3f}, FMD {scores['eval_fmd']:.2f} "
+                f"(floor {scores['eval_fmd_floor']:.2f}), {scores['eval_seconds']:.1f} s"
+            )
 
     def write_samples(self, path: Path) -> None:
         """A grid with one row per digit, prompted by the digit itself, sampled from the EMA weights."""
         n, data = self.cfg.samples_per_digit, self.data
         digit_rows = data.prompt_rows[:, 0].repeat_interleave(n)  # template 0 is "{d}", the canonical prompt
-        images = generate(self.state.ema.shadow, self.diffusion, data.prompt_table[digit_rows], data.prompt_table[:1],
-                          self.cfg.sampling_options(), image_shape=IMAGE_SHAPE, seed=self.cfg.seed, bf16=self.bf16)
+        images = generate(
+            self.state.ema.shadow,
+            self.diffusion,
+            data.prompt_table[digit_rows],
+            data.prompt_table[:1],
+            self.cfg.sampling_options(),
+            image_shape=IMAGE_SHAPE,
+            seed=self.cfg.seed,
+            bf16=self.bf16,
+        )
         grid = to_uint8(images).reshape(NUM_DIGITS, n, *IMAGE_SHAPE[1:])
         save_grid(list(grid), [f'"{canonical_prompt(d)}"' for d in range(NUM_DIGITS)], path)
         print(f"wrote {path}")

@@ -1,4 +1,5 @@
 """The optimizer and its learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ LR_SCHEDULES = ("cosine", "constant")
 def lr_factor(warmup_steps: int, schedule: str, total_steps: int) -> Callable[[int], float]:
     """The learning rate's multiplier at a step: linear warm-up, then cosine decay to 10% of the peak
     (or constant)."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -23,13 +25,16 @@ def lr_factor(warmup_steps: int, schedule: str, total_steps: int) -> Callable[[i
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
     return factor
 
 
-def build_optimizer(cfg: TrainConfig, net: torch.nn.Module,
-                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    cfg: TrainConfig, net: torch.nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over ``net``'s parameters, and the schedule of ``total_steps`` steps."""
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=True)  # one kernel for all tensors: on the CPU too (4x the for-loop's speed)
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True
+    )  # one kernel for all tensors: on the CPU too (4x the for-loop's speed)
     schedule = lr_factor(cfg.warmup_steps, cfg.lr_schedule, total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

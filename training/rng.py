@@ -1,6 +1,7 @@
 """Every random state of a training process, as plain data, so a resumed run draws exactly what an
 unbroken one would: Python's, NumPy's, torch's CPU and CUDA generators and the rank's own training
 generator."""
+
 from __future__ import annotations
 
 import random
@@ -33,8 +34,10 @@ def restore_rng(states: list[dict[str, Any]], rank: int, world_size: int, genera
     """
     if len(states) != world_size:
         if rank == 0:
-            print(f"note: world size changed from {len(states)} to {world_size}; the ranks' random streams "
-                  "start afresh", file=sys.stderr)
+            print(
+                f"note: world size changed from {len(states)} to {world_size}; the ranks' random streams start afresh",
+                file=sys.stderr,
+            )
         return
     state = states[rank]
     generator.set_state(state["generator"])
@@ -43,8 +46,9 @@ def restore_rng(states: list[dict[str, Any]], rank: int, world_size: int, genera
         torch.cuda.set_rng_state(state["cuda"], generator.device)
     random.setstate(state["python"])
     numpy = state["numpy"]
-    np.random.set_state((numpy["name"], np.array(numpy["key"], dtype=np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["gauss"]))
+    np.random.set_state(
+        (numpy["name"], np.array(numpy["key"], dtype=np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    )
 
 
 def gather_rng(generator: torch.Generator, world_size: int) -> list[dict[str, Any]]:

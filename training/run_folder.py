@@ -1,4 +1,5 @@
 """The output folder of a training run: ``checkpoints/``, ``samples/`` and ``metrics.jsonl``."""
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ from it takes bitwise the same steps as a run that never stopped. ``TrainingStat
 writes every key and ``load_state_dict`` reads them back; ``SavedModel`` is the part that sampling
 needs; ``upgrade`` reads every earlier format.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -30,8 +31,19 @@ FORMAT_VERSION = 2
 # What a saved config meant by the keys it lacks: the UNet layout of the time before each key existed.
 LAYOUT_BEFORE_KEYS = {"ff_mult": 4, "extra_up_block": True, "patch_size": 1, "groups": 8}
 SAMPLING_KEYS = ("config", "ema", "text_encoder", "epoch")
-RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch_step", "steps_per_epoch", "step", "world_size",
-               "loss_sums", "window_steps", "bad_steps")
+RESUME_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "epoch_step",
+    "steps_per_epoch",
+    "step",
+    "world_size",
+    "loss_sums",
+    "window_steps",
+    "bad_steps",
+)
 # Config keys that fix the data order within an epoch: they must match to resume mid-epoch.
 DATA_ORDER_KEYS = ("seed", "train_subset", "batch_size")
 
@@ -40,8 +52,10 @@ def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     """A loaded checkpoint in the current format, whichever format it was written in."""
     version = payload.get("format_version", 1)
     if version > FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format version {version}, newer than this code's {FORMAT_VERSION}; "
-                        "update the code (git pull) to read it")
+        raise UserError(
+            f"checkpoint {path} has format version {version}, newer than this code's {FORMAT_VERSION}; "
+            "update the code (git pull) to read it"
+        )
     if not set(SAMPLING_KEYS) <= payload.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (missing config/ema/text_encoder)")
     if version == 1:
@@ -51,8 +65,9 @@ def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def position(payload: Mapping[str, Any]) -> tuple[int, int, int, int]:
     """(step, epoch, batches done in that epoch, steps per epoch) that a checkpoint holds."""
-    step, epoch, epoch_step, steps_per_epoch = (int(payload[key]) for key in ("step", "epoch", "epoch_step",
-                                                                             "steps_per_epoch"))
+    step, epoch, epoch_step, steps_per_epoch = (
+        int(payload[key]) for key in ("step", "epoch", "epoch_step", "steps_per_epoch")
+    )
     return step, epoch, epoch_step, steps_per_epoch
 
 
@@ -107,8 +122,15 @@ class TrainingState:
     batches of ``epoch`` are done; ``step`` counts all steps so far.
     """
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int, world_size: int, steps_per_epoch: int,
-                 text_encoder: dict[str, Any] | None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        steps_per_epoch: int,
+        text_encoder: dict[str, Any] | None,
+    ):
         self.cfg, self.rank, self.world_size, self.steps_per_epoch = cfg, rank, world_size, steps_per_epoch
         self.text_encoder = text_encoder
         torch.manual_seed(cfg.seed)  # the initial weights
@@ -138,12 +160,22 @@ class TrainingState:
             return None
         losses = self.losses
         return {
-            "format_version": FORMAT_VERSION, "config": self.cfg.to_flat(), "text_encoder": self.text_encoder,
-            "model": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": rng, "epoch": self.epoch, "epoch_step": self.epoch_step,
-            "steps_per_epoch": self.steps_per_epoch, "step": self.step, "world_size": self.world_size,
+            "format_version": FORMAT_VERSION,
+            "config": self.cfg.to_flat(),
+            "text_encoder": self.text_encoder,
+            "model": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "step": self.step,
+            "world_size": self.world_size,
             "loss_sums": torch.stack([losses.epoch_sum, losses.window_sum]).cpu(),
-            "window_steps": losses.window_steps, "bad_steps": self.guard.skipped,
+            "window_steps": losses.window_steps,
+            "bad_steps": self.guard.skipped,
         }
 
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
@@ -173,19 +205,32 @@ def check_resumable(payload: Mapping[str, Any], cfg: TrainConfig, world_size: in
     """Raise UserError unless this run (``cfg``, ``world_size``) can continue the checkpoint ``payload``."""
     missing = [key for key in RESUME_KEYS if key not in payload]
     if missing:
-        raise UserError(f"{path} cannot be resumed: it lacks {', '.join(missing)} (an older train.py wrote it); "
-                        "start fresh, or only sample from it")
+        raise UserError(
+            f"{path} cannot be resumed: it lacks {', '.join(missing)} (an older train.py wrote it); "
+            "start fresh, or only sample from it"
+        )
     now = cfg.to_flat()
-    _require_same(path, payload["config"], now, section_keys("model", "diffusion"),
-                  "the config it was trained with (same --config)")
+    _require_same(
+        path,
+        payload["config"],
+        now,
+        section_keys("model", "diffusion"),
+        "the config it was trained with (same --config)",
+    )
     if payload["epoch_step"] < payload["steps_per_epoch"]:
         saved = {**payload["config"], "world_size": payload["world_size"]}
-        _require_same(path, saved, {**now, "world_size": world_size}, DATA_ORDER_KEYS + ("world_size",),
-                      "the same values (they fix the data order within an epoch), or an epoch-end checkpoint")
+        _require_same(
+            path,
+            saved,
+            {**now, "world_size": world_size},
+            DATA_ORDER_KEYS + ("world_size",),
+            "the same values (they fix the data order within an epoch), or an epoch-end checkpoint",
+        )
 
 
 def _require_same(path: Path, saved: Mapping, now: Mapping, keys: tuple[str, ...], fix: str) -> None:
     for key in keys:
         if saved[key] != now[key]:
-            raise UserError(f"{path} was written with {key}={saved[key]!r} but this run has {key}={now[key]!r}; "
-                            f"resume with {fix}")
+            raise UserError(
+                f"{path} was written with {key}={saved[key]!r} but this run has {key}={now[key]!r}; resume with {fix}"
+            )

@@ -1,4 +1,5 @@
 """Why training stops before its last step: a signal asking it to, or a loss gone non-finite."""
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,11 @@ class StopSignals:
         if self.received is None:
             self.received = signal.Signals(signum)
             # os.write, not print: a handler may interrupt a print that holds the stream's lock.
-            os.write(2, f"\n{self.received.name}: checkpointing at the next step boundary, then exiting "
-                        f"with status {EXIT_RESUMABLE} (resume with --resume)\n".encode())
+            os.write(
+                2,
+                f"\n{self.received.name}: checkpointing at the next step boundary, then exiting "
+                f"with status {EXIT_RESUMABLE} (resume with --resume)\n".encode(),
+            )
 
     @property
     def signal_name(self) -> str:
@@ -86,8 +90,11 @@ class NonFiniteGuard:
         self.skipped += 1
         if self.skipped > self.max_bad_steps:
             self._fail(step, f"{self.skipped} such steps, more than --max_bad_steps {self.max_bad_steps}")
-        print(f"warning: non-finite loss or gradients at step {step}: update skipped "
-              f"({self.skipped} of --max_bad_steps {self.max_bad_steps})", file=sys.stderr)
+        print(
+            f"warning: non-finite loss or gradients at step {step}: update skipped "
+            f"({self.skipped} of --max_bad_steps {self.max_bad_steps})",
+            file=sys.stderr,
+        )
         return False
 
     def check(self) -> None:
@@ -98,6 +105,8 @@ class NonFiniteGuard:
 
     def _fail(self, step: int, detail: str) -> None:
         restart = f"--resume {self.last_good} (the last good checkpoint)" if self.last_good else "a fresh run"
-        raise UserError(f"loss or gradients became non-finite (NaN/inf) at step {step}{', ' + detail if detail else ''}; "
-                        f"stopped without saving; try {restart} with a lower --learning_rate or --grad_clip, "
-                        "or pass --max_bad_steps N to skip up to N such steps")
+        raise UserError(
+            f"loss or gradients became non-finite (NaN/inf) at step {step}{', ' + detail if detail else ''}; "
+            f"stopped without saving; try {restart} with a lower --learning_rate or --grad_clip, "
+            "or pass --max_bad_steps N to skip up to N such steps"
+        )
