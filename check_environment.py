@@ -25,7 +25,7 @@ from huggingface_hub import constants as hub_constants
 from data import load_mnist, mnist_cache_dir
 from data.mnist import IDX_FILES, WHEEL_NAME
 from runtime.errors import UserError, run_cli
-from runtime.files import check_writable
+from runtime.files import prove_writable, remove_created
 from runtime.flags import CliParser
 from training.config import TrainConfig, parse_train_args
 
@@ -131,8 +131,9 @@ def check_text_encoder(weights: str, seed: int) -> Check:
 
 
 def check_output_dir(output_dir: str) -> Check:
+    """Whether train.py could create --output_dir and write in it: proved by doing so, then undone."""
     try:
-        check_writable(Path(output_dir), "--output_dir")
+        remove_created(prove_writable(Path(output_dir), "--output_dir"))
     except UserError as err:
         return Check("output dir", False, str(err))
     return Check("output dir", True, f"{Path(output_dir).absolute()} is writable")

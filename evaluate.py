@@ -32,7 +32,7 @@ from evaluation.suite import PromptPlan, judge_and_reference, plan_prompts, scor
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
-from runtime.files import atomic_write, check_writable
+from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
 from training.checkpoints import latest_checkpoint
 
@@ -156,7 +156,12 @@ def main() -> None:
             f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
             "or pass --checkpoint PATH"
         )
-    check_writable(path.parent, "the results go beside --checkpoint, but")
+    with writable_folder(path.parent, "the results go beside --checkpoint, but"):
+        evaluate(args, path, device, start)
+
+
+def evaluate(args, path: Path, device: torch.device, start: float) -> None:
+    """Sample, score and report ``path``'s model at every guidance scale asked for."""
     model = load_trained_model(path, device)
     if args.steps > model.diffusion.num_steps:
         raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")

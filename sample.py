@@ -27,7 +27,7 @@ from models.loading import load_trained_model
 from models.text_encoder import CONTEXT_LENGTH, truncated_prompt
 from runtime.devices import PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
-from runtime.files import check_writable
+from runtime.files import writable_folder
 from runtime.flags import CliParser, require_positive
 from training.checkpoints import latest_checkpoint
 
@@ -132,11 +132,9 @@ def default_out(args) -> Path:
     return args.output_dir / "samples" / f"sample_{slug('_'.join(args.prompt))}_seed{args.seed}.png"
 
 
-def output_paths(args) -> tuple[Path, Path | None, Path | None]:
+def output_paths(args, out: Path) -> tuple[Path, Path | None, Path | None]:
     """The grid PNG, the --save_individual folder and the --trajectory GIF (None when not asked for).
     Checked before any work, so a refused run writes nothing."""
-    out = args.out or default_out(args)
-    check_writable(out.parent, "--out" if args.out else "--output_dir")
     folder = out.with_suffix("") if args.save_individual else None
     gif = out.with_suffix(".gif") if args.trajectory else None
     for path in (out, folder, gif):
@@ -164,7 +162,12 @@ def warn_about_negative_prompt(args) -> None:
 def main() -> None:
     args = parse_args(sys.argv[1:])
     device = pick_device(args.device)
-    out, folder, gif = output_paths(args)
+    out = args.out or default_out(args)
+    with writable_folder(out.parent, "--out" if args.out else "--output_dir"):  # removed again if refused
+        sample(args, device, *output_paths(args, out))
+
+
+def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> None:
     path = args.checkpoint or latest_checkpoint(args.output_dir)
     if path is None:
         raise UserError(

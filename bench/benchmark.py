@@ -44,7 +44,7 @@ from ddpm import SAMPLERS, GaussianDiffusion, generate
 from models.unet import UNet
 from runtime.devices import COMPILE_CHOICES, PRECISIONS, pick_device, use_bf16, use_compile
 from runtime.errors import UserError, run_cli
-from runtime.files import atomic_write, check_writable
+from runtime.files import atomic_write, prove_writable, remove_created
 from runtime.flags import CliParser
 from training.config import DEFAULT_CONFIG, TrainConfig, load_config_file
 
@@ -430,7 +430,7 @@ def print_report(r: dict) -> None:
 def main() -> None:
     args = parse_args(sys.argv[1:])
     if args.json:
-        check_writable(args.json.parent, "--json")
+        remove_created(prove_writable(args.json.parent, "--json"))
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,9 @@ Exit statuses (SLURM scripts and wrappers rely on them):
   same command fails the same way: never requeue on it.
 - EXIT_RESUMABLE (75, ``EX_TEMPFAIL`` in sysexits.h): train.py was asked to stop by SIGTERM,
   SIGINT or SIGUSR1 and wrote a checkpoint first; ``train.py --resume`` continues exactly there.
+  Also a full disk (ENOSPC, EDQUOT) or an I/O error while writing (``StorageError``): nothing
+  half-written is left, and once space is freed the same command (``--resume`` for training)
+  continues. Schedulers may retry on 75.
 - anything else: a crash (a traceback says where); the newest checkpoint is still intact.
 """
 
@@ -27,10 +30,28 @@ class UserError(Exception):
     """
 
 
+class StorageError(Exception):
+    """A write failed for want of space (ENOSPC, EDQUOT) or with an I/O error; nothing half-written was left.
+
+    The message names the file, the bytes it needed and those free; ``hint`` is what to do next,
+    which a caller that knows more (train.py: the last good checkpoint) may replace.
+    """
+
+    def __init__(self, problem: str, hint: str = "free some space and run the command again"):
+        super().__init__(problem)
+        self.problem, self.hint = problem, hint
+
+    def __str__(self) -> str:
+        return f"{self.problem}; {self.hint}"
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a command-line entry point, turning UserError into a one-line message and exit 2."""
+    """Run a command-line entry point: a UserError becomes one line and exit 2, a StorageError one line and exit 75."""
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_RESUMABLE)

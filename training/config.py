@@ -221,11 +221,17 @@ def load_config_file(path: Path = DEFAULT_CONFIG) -> TrainConfig:
     return TrainConfig.from_flat(read_yaml_config(path))
 
 
-def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, str | None]:
-    """(config, resume) from the command line: YAML file first, then flags on top.
+@dataclass(frozen=True)
+class Launch:
+    """How a run starts, beside its config: ``resume`` is None (start fresh), "latest" (``--resume`` alone),
+    "auto" (latest if any, else fresh) or a checkpoint path; ``overwrite`` moves an earlier run aside."""
 
-    ``resume`` is None (start fresh), "latest" (``--resume`` alone), "auto" or a checkpoint path.
-    """
+    resume: str | None = None
+    overwrite: bool = False
+
+
+def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, Launch]:
+    """(config, launch) from the command line: YAML file first, then flags on top."""
     parser = CliParser(prog="train.py", description="Train the text-conditioned MNIST diffusion model.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML file of defaults")
     parser.add_argument(
@@ -236,10 +242,17 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, str | None]:
         help="continue from the newest checkpoint in --output_dir, or from PATH; "
         "--resume auto continues if there is one and starts fresh otherwise",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --output_dir that holds another run, moving its files aside",
+    )
     for key, (_, f) in flat_fields().items():
         _add_flag(parser, key, f)
     args = vars(parser.parse_args(argv))
-    config_path, resume = args.pop("config"), args.pop("resume")
+    config_path, launch = args.pop("config"), Launch(args.pop("resume"), args.pop("overwrite"))
+    if launch.overwrite and launch.resume is not None:
+        raise UserError("--overwrite starts a fresh run and --resume continues one; give only one of them")
     cfg = TrainConfig.from_flat({**read_yaml_config(config_path), **args})
     cfg.validate()
-    return cfg, resume
+    return cfg, launch
