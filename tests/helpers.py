@@ -14,7 +14,9 @@ import io
 import os
 import runpy
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -103,3 +105,51 @@ def run_in_process(script: str, args: list[str], env: dict[str, str], cwd: Path)
         except SystemExit as exit_:
             status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
     return status, stderr.getvalue()
+
+
+# configs/tiny.yaml made smaller: 8 steps per epoch of 16 images, 2 epochs, a mid-epoch checkpoint every 3 steps.
+MICRO = tiny_flags(
+    widths=[8, 16],
+    head_dim=8,
+    train_subset=128,
+    batch_size=16,
+    log_every=1,
+    samples_per_digit=1,
+    sample_steps=2,
+    checkpoint_every_steps=3,
+    device="cpu",
+)
+TOTAL_STEPS = 16
+# One thread: the runs are bitwise reproducible at any fixed thread count, and much faster on a busy machine.
+PROCESS_ENV = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1"}
+
+
+def start_training(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", *MICRO, "--output_dir", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=PROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expected: int) -> str:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == expected, (
+        f"exit {proc.returncode}, expected {expected}:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    )
+    return stdout + stderr
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 240
+    while not condition():
+        assert proc.poll() is None, f"train.py exited ({proc.returncode}) before {what}:\n{proc.communicate()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def state_bytes(state) -> dict:
+    """Every leaf of a nested state as bytes: tensors raw, so equality is bitwise (NaN and -0.0 included)."""
+    if isinstance(state, torch.Tensor):
+        return {"": state.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()}
+    if isinstance(state, (dict, list, tuple)):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        return {f"{k}/{path}": b for k, v in items for path, b in state_bytes(v).items()}
+    return {"": repr(state).encode()}

@@ -8,58 +8,17 @@ foreign files, and the guard rails are run on a learning rate that blows up.
 """
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from runtime.errors import EXIT_RESUMABLE, EXIT_USER_ERROR
-from tests.helpers import ROOT, run_in_process, tiny_flags
+from tests.helpers import MICRO, ROOT, TOTAL_STEPS, finish, run_in_process, start_training, state_bytes, wait_for
 from training.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints, step_checkpoint_path
 from training.stopping import NonFiniteGuard
-
-# configs/tiny.yaml made smaller: 8 steps per epoch of 16 images, 2 epochs, a mid-epoch checkpoint every 3 steps.
-MICRO = tiny_flags(
-    widths=[8, 16],
-    head_dim=8,
-    train_subset=128,
-    batch_size=16,
-    log_every=1,
-    samples_per_digit=1,
-    sample_steps=2,
-    checkpoint_every_steps=3,
-    device="cpu",
-)
-TOTAL_STEPS = 16
-# One thread: the runs are bitwise reproducible at any fixed thread count, and much faster on a busy machine.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "train.py", *MICRO, "--output_dir", str(out), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, expected: int) -> str:
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == expected, (
-        f"exit {proc.returncode}, expected {expected}:\n{stdout[-2000:]}\n{stderr[-2000:]}"
-    )
-    return stdout + stderr
-
-
-def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 240
-    while not condition():
-        assert proc.poll() is None, f"train.py exited ({proc.returncode}) before {what}:\n{proc.communicate()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def logged_steps(out: Path) -> int:
@@ -78,31 +37,21 @@ def resumed_step(log: str) -> int:
 def runs(tmp_path_factory):
     """(uninterrupted output dir, interrupted output dir, the steps the two resumptions started from)."""
     straight, broken = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("broken")
-    reference = start(straight)  # runs alongside the interrupted lineage
-    first = start(broken)
+    reference = start_training(straight)  # runs alongside the interrupted lineage
+    first = start_training(broken)
     wait_for(lambda: list((broken / "checkpoints").glob("checkpoint_step_*.pt")), first, "a step checkpoint")
     first.send_signal(signal.SIGKILL)
     finish(first, -signal.SIGKILL)
 
-    second = start(broken, "--resume")
+    second = start_training(broken, "--resume")
     first_resume = resumed_step(next(line for line in second.stdout if line.startswith("resumed from")))
     wait_for(lambda: logged_steps(broken) > first_resume, second, "a step after resuming")
     second.send_signal(signal.SIGTERM)
     assert "stopped by SIGTERM after step" in finish(second, EXIT_RESUMABLE)
 
-    second_resume = resumed_step(finish(start(broken, "--resume"), 0))
+    second_resume = resumed_step(finish(start_training(broken, "--resume"), 0))
     finish(reference, 0)
     return straight, broken, (first_resume, second_resume)
-
-
-def state_bytes(state) -> dict:
-    """Every leaf of a nested state as bytes: tensors raw, so equality is bitwise (NaN and -0.0 included)."""
-    if isinstance(state, torch.Tensor):
-        return {"": state.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()}
-    if isinstance(state, (dict, list, tuple)):
-        items = state.items() if isinstance(state, dict) else enumerate(state)
-        return {f"{k}/{path}": b for k, v in items for path, b in state_bytes(v).items()}
-    return {"": repr(state).encode()}
 
 
 @pytest.mark.slow

@@ -105,7 +105,7 @@ class Trainer:
         ).to(procs.device)
         state.net.train()
         window = (time.perf_counter(), state.step)  # when and at which step the logging window began
-        bar = tqdm(
+        progress = tqdm(
             total=state.steps_per_epoch,
             initial=state.epoch_step,
             desc=f"epoch {state.epoch}/{cfg.num_epochs}",
@@ -114,21 +114,22 @@ class Trainer:
             mininterval=1.0,
         )
         stopping = False
-        while not state.epoch_done:
-            state.losses.add(self.train_step(shard[state.epoch_step]))
-            state.step += 1
-            state.epoch_step += 1
-            if state.ema is not None:
-                state.ema.update(state.net)
-            if state.step % cfg.log_every == 0 or state.epoch_done:
-                window = self.log_window(window, bar)
-            bar.update(1)
-            stopping = self.stop.should_stop(state.step)
-            if not state.epoch_done and (stopping or self.checkpoint_due(epoch_end=False)):
-                path = self.save()
-                if stopping:
-                    self.exit_resumable(path)
-        bar.close()
+        with progress as bar:  # closed (ending its line) on an error too, so the error line stands alone
+            while not state.epoch_done:
+                state.losses.add(self.train_step(shard[state.epoch_step]))
+                state.step += 1
+                state.epoch_step += 1
+                if state.ema is not None:
+                    state.ema.update(state.net)
+                if state.step % cfg.log_every == 0 or state.epoch_done:
+                    window = self.log_window(window, bar)
+                bar.update(1)
+                stopping = self.stop.should_stop(state.step)
+                if not state.epoch_done and (stopping or self.checkpoint_due(epoch_end=False)):
+                    path = self.save()
+                    if stopping:
+                        bar.close()
+                        self.exit_resumable(path)
         return stopping
 
     def log_window(self, window: tuple[float, int], bar: tqdm) -> tuple[float, int]:
