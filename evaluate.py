@@ -21,20 +21,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import EMPTY_PROMPT
-from data.images import to_uint8
-from data.shapes import IMAGE_SHAPE
-from ddpm import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, generate
+from data import EMPTY_PROMPT, load_mnist, mnist_cache_dir
+from data.captions import plan_prompts
+from data.images import save_grid
+from ddpm import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions
 from evaluation.judge import JUDGE_PATH, judge_record
 from evaluation.reference import RealReference
 from evaluation.report import plot_sweep, result_tables, sweep_table
-from evaluation.suite import PromptPlan, judge_and_reference, plan_prompts, score
+from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables
+from evaluation.suite import judge_and_reference, score
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
+from text2digit import Request, Text2Digit
 from training.checkpoints import latest_checkpoint
+
+PICTURE_COLUMNS = 8
 
 
 def parse_scales(text: str) -> list[float]:
@@ -59,6 +63,12 @@ def parse_args(argv: list[str]):
         default=f"{DEFAULT_SAMPLING.guidance_scale:g}",
         help="classifier-free guidance scale, or a comma list to sweep",
     )
+    p.add_argument(
+        "--style_samples",
+        type=int,
+        default=20,
+        help="images per style prompt (a thick 7, ...) for a model trained on style captions; 0: none",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
@@ -66,6 +76,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     args = p.parse_args(argv)
     require_positive(args, ("num_samples", "steps", "batch_size"))
+    if args.style_samples < 0:
+        raise UserError(f"--style_samples must be >= 0, got {args.style_samples}")
     args.guidance_scale = parse_scales(args.guidance_scale)
     return args
 
@@ -79,31 +91,20 @@ def output_path(args, checkpoint: Path, suffix: str) -> Path:
     )
 
 
-def plan_contexts(model: TrainedModel, plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond [N, 8, 512], one row per planned sample; uncond [1, 8, 512]), each prompt encoded once."""
-    unique = list(dict.fromkeys(plan.prompts))
-    tokens, _ = model.encoder.encode(unique + [EMPTY_PROMPT])
-    row = {prompt: i for i, prompt in enumerate(unique)}
-    return tokens[torch.tensor([row[p] for p in plan.prompts], device=tokens.device)], tokens[-1:]
-
-
-def sample_images(model: TrainedModel, cond: torch.Tensor, uncond: torch.Tensor, scale: float, args):
-    """uint8 [N, 28, 28], one image per row of ``cond``, with a progress bar on stderr."""
-    with tqdm(total=len(cond), desc=f"guidance {scale:g}", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-        options = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance_scale=scale)
-        images = generate(
-            model.net,
-            model.diffusion,
-            cond,
-            uncond,
-            options,
-            image_shape=IMAGE_SHAPE,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            progress=bar.update,
-            bf16=args.bf16,
-        )
-    return to_uint8(images)
+def sample_plan(
+    pipe: Text2Digit,
+    prompts: list[str],
+    options: SamplingOptions,
+    args,
+    per_prompt: int = 1,
+    negative_prompt: str = EMPTY_PROMPT,
+    shared_noise: bool = False,
+):
+    """uint8 [len(prompts), per_prompt, 28, 28] through the pipeline, with a progress bar on stderr."""
+    request = Request(tuple(prompts), per_prompt, options, args.seed, negative_prompt, shared_noise=shared_noise)
+    label = f"guidance {options.guidance_scale:g}" + (f', negative "{negative_prompt}"' if negative_prompt else "")
+    with tqdm(total=len(prompts) * per_prompt, desc=label, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+        return pipe.generate(request, batch_size=args.batch_size, progress=bar.update)
 
 
 def build_report(
@@ -145,6 +146,26 @@ def build_report(
     }
 
 
+def style_reference(args, model: TrainedModel) -> StyleReference | None:
+    """Real MNIST's measures for the style prompts, for a model trained on style captions (else None)."""
+    if model.config.captions != "styles" or not args.style_samples:
+        return None
+    return StyleReference.from_mnist(load_mnist(args.data_dir), mnist_cache_dir())
+
+
+def style_sampler(pipe: Text2Digit, options: SamplingOptions, args) -> SampleFn:
+    """Images of style prompts, image j of every prompt from the same seed: only the words differ."""
+    return lambda prompts, per_prompt, negative: sample_plan(pipe, prompts, options, args, per_prompt, negative, True)
+
+
+def write_style_picture(sample, path: Path) -> None:
+    """Rows low word / plain / high word per digit and attribute, the same seeds in every row."""
+    prompts = style_picture_rows()
+    images = sample(prompts, PICTURE_COLUMNS, EMPTY_PROMPT)
+    save_grid(list(images), [f'"{p}"' for p in prompts], path)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     start = time.perf_counter()
     args = parse_args(sys.argv[1:])
@@ -162,13 +183,14 @@ def main() -> None:
 
 def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     """Sample, score and report ``path``'s model at every guidance scale asked for."""
-    model = load_trained_model(path, device)
+    pipe = Text2Digit(load_trained_model(path, device), args.bf16)
+    model = pipe.model
     if args.steps > model.diffusion.num_steps:
         raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
     record = judge_record()  # read now: a missing record fails before sampling, not after
     judge, reference = judge_and_reference(args.data_dir, device)
+    styles = style_reference(args, model)
     plan = plan_prompts(args.num_samples)
-    cond, uncond = plan_contexts(model, plan)
     print(
         f"{path} (epoch {model.epoch}): {args.sampler}, {args.steps} steps, seed {args.seed}, "
         f"{'bf16' if args.bf16 else 'fp32'} on {device}, "
@@ -179,9 +201,17 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     results = []
     for scale in args.guidance_scale:
         t0 = time.perf_counter()
-        scores = score(sample_images(model, cond, uncond, scale, args), plan, judge, reference)
-        results.append({"guidance_scale": scale, "seconds": time.perf_counter() - t0, **scores})
+        options = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance_scale=scale)
+        images = sample_plan(pipe, plan.prompts, options, args)[:, 0]
+        results.append({"guidance_scale": scale, **score(images, plan, judge, reference)})
+        if styles is not None:
+            sample = style_sampler(pipe, options, args)
+            results[-1]["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
+            write_style_picture(sample, output_path(args, path, f"_styles_cfg{scale:g}.png"))
+        results[-1]["seconds"] = time.perf_counter() - t0
         print(result_tables(results[-1]), flush=True)
+        if styles is not None:
+            print(style_tables(results[-1]["styles"]), flush=True)
 
     if len(results) > 1:
         print(f"### guidance sweep\n\n{sweep_table(results)}\n")

@@ -19,16 +19,15 @@ import time
 from pathlib import Path
 
 from data import EMPTY_PROMPT
-from data.images import save_grid, save_images, to_uint8
-from data.shapes import IMAGE_SHAPE
+from data.images import save_grid, save_images
 from data.trajectory import TrajectoryRecorder
-from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, SamplingOptions, generate, prompt_contexts
+from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS
 from models.loading import load_trained_model
-from models.text_encoder import CONTEXT_LENGTH, truncated_prompt
 from runtime.devices import PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import writable_folder
-from runtime.flags import CliParser, require_positive
+from runtime.flags import CliParser
+from text2digit import InvalidRequest, Request, Text2Digit, make_options
 from training.checkpoints import latest_checkpoint
 
 
@@ -91,37 +90,33 @@ def build_parser() -> CliParser:
 
 
 def parse_args(argv: list[str]):
-    """The flags, every value checked before any work."""
+    """The flags, every value checked before any work (the request by the pipeline's own rules)."""
     args = build_parser().parse_args(argv)
-    require_positive(args, ("num_samples", "steps", "batch_size"))
-    if args.guidance_scale < 0:
-        raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
-    if args.eta is not None and args.sampler != "ddim":
-        raise UserError(f"--eta only applies to --sampler ddim, not {args.sampler}; drop --eta or use --sampler ddim")
-    if args.eta is not None and args.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {args.eta}")
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
-    for prompt in args.prompt:
-        if not prompt.strip():
-            raise UserError('--prompt is empty; give the digit to draw, e.g. --prompt "7"')
-    check_prompt_lengths([*args.prompt, args.negative_prompt], args.allow_truncation)
+    try:
+        options = make_options(
+            args.sampler,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            spacing=args.spacing,
+            threshold=args.threshold,
+            eta=args.eta,
+        )
+        args.request = Request(
+            tuple(args.prompt), args.num_samples, options, args.seed, args.negative_prompt, args.allow_truncation
+        )
+        args.warnings = args.request.validate()
+    except InvalidRequest as err:
+        raise UserError(err.render(flag)) from None
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     return args
 
 
-def check_prompt_lengths(prompts: list[str], allow_truncation: bool) -> None:
-    """Refuse a prompt longer than the encoder's 8 tokens, which would silently lose its last words
-    ("a picture of the handwritten digit seven" loses "seven"), unless truncation is allowed."""
-    for prompt in prompts:
-        kept = truncated_prompt(prompt)
-        if kept is None:
-            continue
-        if not allow_truncation:
-            raise UserError(
-                f"prompt {prompt!r} is longer than the text encoder's {CONTEXT_LENGTH} tokens and would be "
-                f"truncated to {kept!r}; shorten it, or pass --allow_truncation to accept that"
-            )
-        print(f"warning: prompt {prompt!r} was truncated to {CONTEXT_LENGTH} tokens: {kept!r}", file=sys.stderr)
+def flag(name: str) -> str:
+    """A pipeline parameter's command-line spelling."""
+    return "--prompt" if name == "prompts" else f"--{name}"
 
 
 def slug(text: str) -> str:
@@ -141,17 +136,6 @@ def output_paths(args, out: Path) -> tuple[Path, Path | None, Path | None]:
         if path is not None and path.exists() and not args.overwrite:
             raise UserError(f"{path} exists; pass --overwrite to replace it or --out to write elsewhere")
     return out, folder, gif
-
-
-def sampling_options(args) -> SamplingOptions:
-    return SamplingOptions(
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        spacing=args.spacing,
-        threshold=args.threshold,
-        eta=args.eta,
-    )
 
 
 def warn_about_negative_prompt(args) -> None:
@@ -174,41 +158,27 @@ def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> No
             f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
             "or pass --checkpoint PATH"
         )
-    model = load_trained_model(path, device, args.text_encoder)
-    if args.steps > model.diffusion.num_steps:
-        raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
+    pipe = Text2Digit(load_trained_model(path, device, args.text_encoder), use_bf16(args.precision, device))
+    for warning in args.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     warn_about_negative_prompt(args)
-
-    cond, uncond = prompt_contexts(model.encoder.encode, args.prompt, args.num_samples, args.negative_prompt)
     recorder = TrajectoryRecorder(args.steps) if gif else None
-    bf16 = use_bf16(args.precision, device)
     start = time.perf_counter()
-    images = generate(
-        model.net,
-        model.diffusion,
-        cond,
-        uncond,
-        sampling_options(args),
-        image_shape=IMAGE_SHAPE,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        callback=recorder,
-        bf16=bf16,
-    )
+    try:
+        digits = pipe.generate(args.request, callback=recorder, batch_size=args.batch_size)
+    except InvalidRequest as err:  # what only the model can tell: its number of timesteps
+        raise UserError(err.render(flag)) from None
     elapsed = time.perf_counter() - start
-    digits = to_uint8(images)
-    save_grid(
-        list(digits.reshape(len(args.prompt), args.num_samples, *IMAGE_SHAPE[1:])), [f'"{p}"' for p in args.prompt], out
-    )
+    save_grid(list(digits), [f'"{p}"' for p in args.prompt], out)
+    flat = digits.reshape(-1, *digits.shape[2:])
     if folder:
-        names = [f"{i:04d}_{slug(args.prompt[i // args.num_samples])}.png" for i in range(len(digits))]
-        save_images(digits, names, folder)
+        save_images(flat, [f"{i:04d}_{slug(args.prompt[i // args.num_samples])}.png" for i in range(len(flat))], folder)
     if recorder:
-        recorder.save_gif(digits, args.prompt, gif)
+        recorder.save_gif(flat, args.prompt, gif)
     print(
-        f"{len(images)} images from {path} (epoch {model.epoch}) with {args.sampler}, {args.steps} steps "
+        f"{len(flat)} images from {path} (epoch {pipe.model.epoch}) with {args.sampler}, {args.steps} steps "
         f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, "
-        f"{'bf16' if bf16 else 'fp32'} on {device}, in {elapsed:.1f} s",
+        f"{'bf16' if pipe.bf16 else 'fp32'} on {device}, in {elapsed:.1f} s",
         file=sys.stderr,
     )
     for written in (out, folder, gif):

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from data import EMPTY_PROMPT, TRAIN_TEMPLATES
+from data.captions import plan_prompts
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS, TEXT_DIM, TEXT_TOKENS
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, GaussianDiffusion, generate, prompt_contexts
 from evaluation.judge import judge_images, load_judge
 from evaluation.metrics import conditional_accuracy
-from evaluation.suite import plan_prompts
 from models.loading import load_trained_model
 from models.unet import UNet
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16

@@ -1,5 +1,15 @@
-"""MNIST loading and digit prompts."""
+"""MNIST, its measured handwriting, and the captions that condition the model."""
 
+from data.captions import (
+    DIGIT_WORDS,
+    EMPTY_PROMPT,
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    canonical_prompt,
+    heldout_prompts,
+    prompts_for,
+    training_prompts,
+)
 from data.mnist import (
     MNIST,
     MNIST_MD5,
@@ -11,16 +21,6 @@ from data.mnist import (
     parse_idx,
     read_idx,
     write_idx,
-)
-from data.prompts import (
-    DIGIT_WORDS,
-    EMPTY_PROMPT,
-    HELDOUT_TEMPLATES,
-    TRAIN_TEMPLATES,
-    canonical_prompt,
-    heldout_prompts,
-    prompts_for,
-    training_prompts,
 )
 
 __all__ = [

@@ -24,9 +24,13 @@ in degrees (Morpho-MNIST reports radians).
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import math
 import multiprocessing
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +38,7 @@ from skimage import filters, morphology, transform
 from tqdm import tqdm
 
 from data.shapes import IMAGE_SIZE
+from runtime.files import atomic_write
 
 MEASURES: tuple[str, ...] = ("area", "length", "thickness", "slant", "width", "height")
 MEASURE_VERSION: int = 1  # a cache key: bump whenever a definition below changes
@@ -92,6 +97,21 @@ def measure_digits(images: np.ndarray, workers: int | None = None, progress: boo
             with context.Pool(min(workers, len(chunks))) as pool:
                 _collect(pool.imap(_measure_chunk, chunks), out, bar)
     return out
+
+
+def cached_measures(images: np.ndarray, cache_dir: Path) -> np.ndarray:
+    """``measure_digits(images)``, computed once and cached in ``cache_dir/morphometry/``, keyed by the
+    images' md5 and ``MEASURE_VERSION``, so neither other data nor a changed definition is read stale."""
+    key = hashlib.md5(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    path = Path(cache_dir) / "morphometry" / f"measures_v{MEASURE_VERSION}_{key}_{len(images)}.npy"
+    if path.is_file():
+        return np.load(path)
+    print(f"Measuring {len(images)} digits once (Morpho-MNIST's measures), into {path} ...", file=sys.stderr)
+    measures = measure_digits(images, progress=True)
+    buffer = io.BytesIO()
+    np.save(buffer, measures)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return measures
 
 
 def _collect(results, out: np.ndarray, bar: tqdm) -> None:

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from data.images import grid_image, to_uint8
+from data.images import grid_image
 from runtime.files import atomic_write
 
 FRAME_MS = 80
@@ -16,7 +15,7 @@ LAST_FRAME_MS = 1500
 
 
 class TrajectoryRecorder:
-    """A sampler ``callback(i, t, x_t, x0)`` that keeps x_t and the x0 prediction of up to
+    """A step callback ``(i, t, x_t, x0)`` of text2digit's pipeline that keeps x_t and the x0 prediction of up to
     ``max_frames`` evenly spaced steps (of ``steps``) as uint8.
 
     ``generate`` runs its batches one after another, each through all the steps, so a step's
@@ -27,11 +26,12 @@ class TrajectoryRecorder:
         self.kept = {int(i) for i in np.round(np.linspace(0, steps - 1, min(steps, max_frames)))}
         self.frames: dict[int, tuple[int, list[np.ndarray], list[np.ndarray]]] = {}
 
-    def __call__(self, i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+    def __call__(self, i: int, t: int, x_t: np.ndarray, x0: np.ndarray) -> None:
+        """The pipeline's step callback: x_t and x0 as uint8 [B, H, W]."""
         if i in self.kept:
             _, noisy, predicted = self.frames.setdefault(i, (t, [], []))
-            noisy.append(to_uint8(x_t))
-            predicted.append(to_uint8(x0))
+            noisy.append(x_t)
+            predicted.append(x0)
 
     def save_gif(self, final: np.ndarray, prompts: Sequence[str], path: Path) -> None:
         """One frame per kept step, two rows per prompt (x_t, then the x0 prediction), and the

@@ -84,7 +84,7 @@ def generate(
     image_shape: Sequence[int],
     seed: int = 0,
     batch_size: int = 256,
-    first_index: int = 0,
+    image_indices: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
     callback: Callback = None,
     bf16: bool = False,
@@ -96,17 +96,19 @@ def generate(
     first trailing step (t = T - 1, where the capped cosine schedule leaves sqrt(alpha_bar) ~ 5e-5)
     an eps error of 0.1 would otherwise become an x0 error of ~2000 that no later step undoes.
 
-    Image i starts from noise drawn by ``image_generator(seed, first_index + i)`` and uses that
-    generator for all its sampling noise, so it is the same whatever the batch size.
+    Image i starts from noise drawn by ``image_generator(seed, image_indices[i])`` (default: i) and uses
+    that generator for all its sampling noise, so it is the same whatever the batch size; images given
+    the same index and prompt are the same image.
     ``bf16`` runs the network under bf16 autocast; the sampler's arithmetic stays in x_T's dtype.
     ``callback(i, t, x_t, x0)`` sees every step of every batch. Returns [N, C, H, W] in [-1, 1].
     """
     device = cond.device
     sample_fn = SAMPLERS[options.sampler]
+    indices = range(len(cond)) if image_indices is None else image_indices
     out = []
     for start in range(0, len(cond), batch_size):
         chunk = cond[start : start + batch_size]
-        gens = [image_generator(seed, first_index + start + i, device) for i in range(len(chunk))]
+        gens = [image_generator(seed, int(indices[start + i]), device) for i in range(len(chunk))]
         x_T = torch.stack([torch.randn(*image_shape, generator=g, device=device) for g in gens])
         eps_fn = classifier_free_guidance(net, diffusion, chunk, uncond, options.guidance_scale)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

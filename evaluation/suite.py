@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from data import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, load_mnist, prompts_for
+from data import load_mnist
+from data.captions import TRAIN_TEMPLATES, PromptPlan, plan_prompts
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS
 from ddpm import GaussianDiffusion, generate
@@ -28,37 +27,7 @@ from evaluation.reference import RealReference, real_reference
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
-
-PROMPT_SETS: Mapping[str, tuple[str, ...]] = {"seen": TRAIN_TEMPLATES, "held-out": HELDOUT_TEMPLATES}
-
-
-@dataclass(frozen=True)
-class PromptPlan:
-    """One entry per sample, set-major, then digit-major."""
-
-    prompts: list[str]
-    digits: np.ndarray
-    template_index: np.ndarray  # index into the set's templates
-    templates: list[str]
-    sets: list[str]
-
-
-def plan_prompts(per_digit: int, prompt_sets: Mapping[str, tuple[str, ...]] = PROMPT_SETS) -> PromptPlan:
-    """``per_digit`` samples of each digit per set, cycling through the set's K templates across
-    digits (sample i of digit d uses template (d * per_digit + i) mod K), so every template is used
-    and, when per_digit >= K, every digit gets every template."""
-    prompts, digits, index, templates, sets = [], [], [], [], []
-    for name, set_templates in prompt_sets.items():
-        for digit in range(NUM_DIGITS):
-            wordings = prompts_for(digit, set_templates)
-            for i in range(per_digit):
-                k = (digit * per_digit + i) % len(set_templates)
-                prompts.append(wordings[k])
-                digits.append(digit)
-                index.append(k)
-                templates.append(set_templates[k])
-                sets.append(name)
-    return PromptPlan(prompts, np.array(digits), np.array(index), templates, sets)
+    from training.data import TrainingData
 
 
 def group_scores(logits: np.ndarray, features: np.ndarray, digits: np.ndarray, reference: RealReference) -> dict:
@@ -106,20 +75,17 @@ def evaluate_during_training(
     cfg: TrainConfig,
     net: torch.nn.Module,
     diffusion: GaussianDiffusion,
-    table: torch.Tensor,
-    rows: torch.Tensor,
+    data: TrainingData,
     use_bf16: bool,
 ) -> dict[str, float]:
-    """A small evaluation of the seen wordings (the ones train.py's prompt table holds), sampled
-    as the epoch's sample grid is, with a fixed seed so epochs are compared on the same noise.
-
-    ``table`` [1 + P, 8, 512] holds the empty prompt in row 0; ``rows`` [10, K] maps (digit,
-    training template) to a table row. Returns metrics.jsonl fields.
-    """
+    """A small evaluation of the seen wordings (rows of train.py's prompt table), sampled as the
+    epoch's sample grid is, with a fixed seed so epochs are compared on the same noise. Returns
+    metrics.jsonl fields."""
     start = time.perf_counter()
+    table = data.prompt_table
     judge, reference = judge_and_reference(cfg.data_dir, table.device)
     plan = plan_prompts(cfg.eval_samples, {"seen": TRAIN_TEMPLATES})
-    cond = table[rows[torch.as_tensor(plan.digits), torch.as_tensor(plan.template_index)]]
+    cond = table[torch.tensor([data.captions.row_of(p) for p in plan.prompts], device=table.device)]
     images = generate(
         net, diffusion, cond, table[:1], cfg.sampling_options(), image_shape=IMAGE_SHAPE, seed=cfg.seed, bf16=use_bf16
     )

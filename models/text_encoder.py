@@ -23,6 +23,7 @@ encoder loaded now.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -73,7 +74,7 @@ class TextEncoder(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.quick_gelu = True if quick_gelu is None else quick_gelu
-        self.tokenizer = open_clip.get_tokenizer(MODEL_NAME, context_length=CONTEXT_LENGTH)
+        self.tokenizer = tokenizer()
         self.tower, self.kind, self.source = _build_tower(weights, seed, self.quick_gelu)
         self.tower.requires_grad_(False)
         self.to(device)
@@ -102,7 +103,7 @@ class TextEncoder(torch.nn.Module):
 
     def count_tokens(self, prompt: str) -> int:
         """Number of tokens ``prompt`` needs, start and end tokens included, before truncation."""
-        return len(self.tokenizer.encode(prompt)) + 2
+        return prompt_tokens(prompt)
 
     def is_truncated(self, prompt: str) -> bool:
         return self.count_tokens(prompt) > CONTEXT_LENGTH
@@ -161,14 +162,24 @@ def build_text_encoder(
     return TextEncoder(weights=weights, seed=seed, quick_gelu=quick_gelu, device=device)
 
 
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    """The encoder's tokenizer, without its weights (open_clip ships the BPE vocabulary)."""
+    return open_clip.get_tokenizer(MODEL_NAME, context_length=CONTEXT_LENGTH)
+
+
+def prompt_tokens(prompt: str) -> int:
+    """Tokens ``prompt`` needs, start and end included, before any truncation."""
+    return len(tokenizer().encode(prompt)) + 2
+
+
 def truncated_prompt(prompt: str) -> str | None:
     """What the encoder reads of ``prompt`` when it needs more than CONTEXT_LENGTH tokens
     (start and end included), else None. Needs only the tokenizer, not the encoder's weights."""
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME, context_length=CONTEXT_LENGTH)
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer().encode(prompt)
     if len(ids) + 2 <= CONTEXT_LENGTH:
         return None
-    return tokenizer.decode(ids[: CONTEXT_LENGTH - 2]).strip()
+    return tokenizer().decode(ids[: CONTEXT_LENGTH - 2]).strip()
 
 
 def check_compatible(saved_record: dict, encoder_record: dict) -> None:

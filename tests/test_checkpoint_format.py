@@ -35,6 +35,7 @@ V1_RUN = tiny_flags(
     checkpoint_every_steps=3,
     device="cpu",
     precision="fp32",
+    captions="digits",  # what that commit trained with
 )
 
 

@@ -16,10 +16,10 @@ from PIL import Image
 
 import evaluate
 from data import heldout_prompts, load_mnist, training_prompts
+from data.captions import plan_prompts
 from evaluation.judge import JUDGE_PATH, judge_images, judge_record, load_judge
 from evaluation.metrics import accuracy_by, conditional_accuracy, frechet_distance, gaussian_stats
 from evaluation.reference import split_halves
-from evaluation.suite import plan_prompts
 from runtime.errors import UserError
 from tests.helpers import ROOT
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import sample
+import text2digit
 from runtime.errors import UserError
 
 
@@ -32,8 +33,8 @@ def test_bad_flags_are_one_line_errors(flags, message):
 
 def test_every_output_and_the_negative_prompt(checkpoint, tmp_path, monkeypatch, capsys):
     calls = []
-    real_generate = sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append((a, k)) or real_generate(*a, **k))
+    real_generate = text2digit.generate
+    monkeypatch.setattr(text2digit, "generate", lambda *a, **k: calls.append((a, k)) or real_generate(*a, **k))
     out = tmp_path / "grid.png"
     common = [
         "--checkpoint",

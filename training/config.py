@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from data.captions import CAPTION_SETS
 from data.shapes import IMAGE_SIZE
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, DiffusionConfig, SamplingOptions
 from models.unet import UNetConfig
@@ -49,6 +50,7 @@ class TrainConfig:
     # diffusion: num_train_timesteps and prediction (ddpm/diffusion.py's DiffusionConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     cond_drop_prob: float = 0.1
+    captions: str = field(default="styles", metadata={"choices": CAPTION_SETS})  # see data/captions.py
     # optimisation
     num_epochs: int = 5
     batch_size: int = 128  # per process

@@ -1,16 +1,27 @@
-"""What a training step reads: MNIST on the training device, and the text tokens of every training
-prompt, computed once (no text-encoder pass per step)."""
+"""What a training step reads: MNIST on the training device, each image's caption class, and the text
+tokens of every caption, computed once (no text-encoder pass per step)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import EMPTY_PROMPT, load_mnist, training_prompts
-from data.shapes import NUM_DIGITS, TEXT_DIM, TEXT_TOKENS
+from data import load_mnist, mnist_cache_dir
+from data.captions import (
+    CaptionSet,
+    CaptionTensors,
+    caption_set,
+    prompt_table,
+    style_classes,
+    style_thresholds,
+    styles_of,
+)
+from data.morphometry import cached_measures
+from data.shapes import TEXT_DIM, TEXT_TOKENS
 from models.text_encoder import build_text_encoder
 from runtime.errors import UserError
 from training.config import TrainConfig
@@ -19,12 +30,14 @@ from training.distributed import Processes
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The whole training set on the device as uint8 (batches are gathered there), and the prompt table."""
+    """The whole training set on the device as uint8 (batches are gathered there), and its captions."""
 
     images: torch.Tensor  # uint8 [N, 28, 28]
     labels: torch.Tensor  # int64 [N]
-    prompt_table: torch.Tensor  # [1 + P, TEXT_TOKENS, TEXT_DIM]: the empty prompt in row 0, then every training prompt
-    prompt_rows: torch.Tensor  # [NUM_DIGITS, K]: (digit, template) -> its row of prompt_table
+    classes: torch.Tensor  # int64 [N]: each image's class in ``captions``
+    captions: CaptionSet
+    caption_index: CaptionTensors
+    prompt_table: torch.Tensor  # [len(captions.prompts), TEXT_TOKENS, TEXT_DIM]: row 0 the empty prompt
     encoder_record: dict[str, Any] | None  # the text encoder's record (rank 0 only)
 
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
@@ -36,36 +49,54 @@ class TrainingData:
             )
         return steps
 
+    def draw_captions(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A caption row of the prompt table for each image of ``batch``."""
+        return self.captions.draw(self.classes[batch], generator, self.caption_index)
+
 
 def load_training_data(cfg: TrainConfig, procs: Processes) -> TrainingData:
-    """MNIST's training set (``--train_subset`` of it) and the prompt table, on ``procs.device``."""
+    """MNIST's training set (``--train_subset`` of it), its caption classes and the prompt table."""
     if not procs.master:
-        procs.barrier()  # rank 0 fetches and caches MNIST first
+        procs.barrier()  # rank 0 fetches and caches MNIST (and measures it) first
     mnist = load_mnist(cfg.data_dir)
+    classes = caption_classes(cfg.captions, mnist.train_images, mnist.train_labels)
     if procs.master:
         procs.barrier()
-    images = torch.from_numpy(mnist.train_images).to(procs.device)
-    labels = torch.from_numpy(mnist.train_labels).to(procs.device).long()
-    if cfg.train_subset:
-        images, labels = images[: cfg.train_subset], labels[: cfg.train_subset]
-    table, rows, record = prompt_table(cfg, procs)
-    return TrainingData(images, labels, table, rows, record)
+    subset = slice(0, cfg.train_subset or None)
+    images = torch.from_numpy(mnist.train_images[subset]).to(procs.device)
+    labels = torch.from_numpy(mnist.train_labels[subset]).to(procs.device).long()
+    captions = caption_set(cfg.captions)
+    table, record = encode_captions(cfg, captions, procs)
+    return TrainingData(
+        images,
+        labels,
+        torch.from_numpy(classes[subset]).to(procs.device),
+        captions,
+        CaptionTensors.of(captions, procs.device),
+        table,
+        record,
+    )
 
 
-def prompt_table(cfg: TrainConfig, procs: Processes) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
-    """Text tokens of every training prompt, computed once on rank 0 and broadcast.
+def caption_classes(kind: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each training image's class in the caption set: its digit, or its digit and measured style, the
+    outer quarters taken over the whole training set (so a subset is captioned as in a full run)."""
+    if kind == "digits":
+        return labels.astype(np.int64)
+    measures = cached_measures(images, mnist_cache_dir())
+    return style_classes(labels, styles_of(measures, labels, style_thresholds(measures, labels)))
 
-    Returns (table [1 + P, 8, 512] with the empty prompt in row 0, rows [10, K] mapping
-    (digit, template) to a table row, the encoder's record on rank 0).
-    """
-    pairs = training_prompts()
-    rows = torch.arange(1, 1 + len(pairs), device=procs.device).reshape(NUM_DIGITS, len(pairs) // NUM_DIGITS)
-    table = torch.empty(1 + len(pairs), TEXT_TOKENS, TEXT_DIM, device=procs.device)
+
+def encode_captions(cfg: TrainConfig, captions: CaptionSet, procs: Processes) -> tuple[torch.Tensor, dict | None]:
+    """Text tokens of every caption, computed (or read from the cache) on rank 0 and broadcast."""
+    table = torch.empty(len(captions.prompts), TEXT_TOKENS, TEXT_DIM, device=procs.device)
     record = None
     if procs.master:
         encoder = build_text_encoder(cfg.text_encoder, seed=cfg.text_encoder_seed, device=procs.device)
-        table, _ = encoder.encode([EMPTY_PROMPT] + [p for p, _ in pairs])
         record = encoder.record
+        encode = lambda prompts: encoder.encode(prompts)[0]
+        key = [*record["fingerprint"], procs.device.type]
+        table = prompt_table(captions, encode, key, mnist_cache_dir()).to(procs.device)
     if dist.is_initialized():
         dist.broadcast(table, src=0)
-    return table, rows, record
+    return table, record

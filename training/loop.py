@@ -12,7 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import canonical_prompt
+from data.captions import canonical_prompt
 from data.images import save_grid, to_uint8
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS
 from ddpm import GaussianDiffusion, generate
@@ -81,9 +81,9 @@ class Trainer:
         gen = state.generator
         x0 = (data.images[batch].float() / 127.5 - 1).unsqueeze(1).contiguous(memory_format=memory_format(cfg))
         b = len(batch)
-        template = torch.randint(data.prompt_rows.shape[1], (b,), device=device, generator=gen)
+        caption = data.draw_captions(batch, gen)
         drop = torch.rand(b, device=device, generator=gen) < cfg.cond_drop_prob
-        context = data.prompt_table[torch.where(drop, 0, data.prompt_rows[data.labels[batch], template])]
+        context = data.prompt_table[torch.where(drop, 0, caption)]
         t = torch.randint(cfg.diffusion.num_train_timesteps, (b,), device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -222,9 +222,7 @@ class Trainer:
         if epoch % cfg.sample_every == 0 or epoch == cfg.num_epochs:
             self.write_samples(self.run.sample_grid(epoch))
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.num_epochs):
-            scores = evaluate_during_training(
-                cfg, state.ema.shadow, self.diffusion, self.data.prompt_table, self.data.prompt_rows, self.bf16
-            )
+            scores = evaluate_during_training(cfg, state.ema.shadow, self.diffusion, self.data, self.bf16)
             self.run.log({"epoch": epoch, "step": state.step, **scores})
             print(
                 f"epoch {epoch}: judge accuracy {scores['eval_accuracy']:.3f}, FMD {scores['eval_fmd']:.2f} "
@@ -234,7 +232,8 @@ class Trainer:
     def write_samples(self, path: Path) -> None:
         """A grid with one row per digit, prompted by the digit itself, sampled from the EMA weights."""
         n, data = self.cfg.samples_per_digit, self.data
-        digit_rows = data.prompt_rows[:, 0].repeat_interleave(n)  # template 0 is "{d}", the canonical prompt
+        rows = [data.captions.row_of(canonical_prompt(d)) for d in range(NUM_DIGITS)]
+        digit_rows = torch.tensor(rows, device=data.labels.device).repeat_interleave(n)
         images = generate(
             self.state.ema.shadow,
             self.diffusion,

@@ -26,10 +26,10 @@ from training.optimizer import build_optimizer
 from training.rng import gather_rng, restore_rng
 from training.stopping import NonFiniteGuard
 
-# 1: a5c598a and before (no version key); 2: adds format_version and the "groups" layout key.
+# 1: a5c598a and before (no version key); 2: adds format_version and the "groups" and "captions" keys.
 FORMAT_VERSION = 2
-# What a saved config meant by the keys it lacks: the UNet layout of the time before each key existed.
-LAYOUT_BEFORE_KEYS = {"ff_mult": 4, "extra_up_block": True, "patch_size": 1, "groups": 8}
+# What a saved config meant by the keys it lacks: the UNet layout and captions of the time before each key.
+LEGACY_DEFAULTS = {"ff_mult": 4, "extra_up_block": True, "patch_size": 1, "groups": 8, "captions": "digits"}
 SAMPLING_KEYS = ("config", "ema", "text_encoder", "epoch")
 RESUME_KEYS = (
     "model",
@@ -59,7 +59,7 @@ def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     if not set(SAMPLING_KEYS) <= payload.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (missing config/ema/text_encoder)")
     if version == 1:
-        payload = {**payload, "config": {**LAYOUT_BEFORE_KEYS, **payload["config"]}, "format_version": 2}
+        payload = {**payload, "config": {**LEGACY_DEFAULTS, **payload["config"]}, "format_version": 2}
     return payload
 
 
@@ -214,7 +214,7 @@ def check_resumable(payload: Mapping[str, Any], cfg: TrainConfig, world_size: in
         path,
         payload["config"],
         now,
-        section_keys("model", "diffusion"),
+        section_keys("model", "diffusion") + ("captions",),  # what the weights mean, and what they were taught
         "the config it was trained with (same --config)",
     )
     if payload["epoch_step"] < payload["steps_per_epoch"]:
