@@ -30,6 +30,8 @@ class SamplingOptions:
     spacing: str = "trailing"
     threshold: str = "clip"
     eta: float | None = None
+    guidance_interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi]: guide only there (ddpm/guidance.py)
+    guidance_rescale: float = 0.0  # phi of guidance rescale (ddpm/guidance.py); 0 is plain CFG
 
     def __post_init__(self) -> None:
         for name, known in (("sampler", SAMPLERS), ("spacing", SPACINGS), ("threshold", THRESHOLDS)):
@@ -110,7 +112,9 @@ def generate(
         chunk = cond[start : start + batch_size]
         gens = [image_generator(seed, int(indices[start + i]), device) for i in range(len(chunk))]
         x_T = torch.stack([torch.randn(*image_shape, generator=g, device=device) for g in gens])
-        eps_fn = classifier_free_guidance(net, diffusion, chunk, uncond, options.guidance_scale)
+        eps_fn = classifier_free_guidance(
+            net, diffusion, chunk, uncond, options.guidance_scale, options.guidance_interval, options.guidance_rescale
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(
                 sample_fn(

@@ -1,0 +1,74 @@
+"""What the style captions cost a training step: train.py's own step, with the digit captions and with
+the style captions, interleaved step by step in one process. A benchmark, not a test.
+
+    python -m bench.captions                          # configs/cpu.yaml, 60 timed steps per caption set
+    python -m bench.captions --config configs/mnist.yaml --steps 20
+
+Both sides train the same model from the same seed on the same images; only the caption draw (one
+randint, or two uniform draws and a three-level gather) and the prompt table differ.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data.captions import CAPTION_SETS
+from runtime.errors import run_cli
+from runtime.flags import CliParser, require_positive
+from training.config import load_config_file
+from training.data import load_training_data
+from training.distributed import Processes
+from training.loop import Trainer
+from training.run_folder import RunFolder
+from training.state import TrainingState
+from training.stopping import StopSignals
+
+
+def parse_args(argv: list[str]):
+    p = CliParser(prog="python -m bench.captions", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=Path("configs/cpu.yaml"))
+    p.add_argument("--steps", type=int, default=60, help="timed steps per caption set")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per caption set first")
+    args = p.parse_args(argv)
+    require_positive(args, ("steps",))
+    return args
+
+
+def trainer_for(kind: str, config: Path) -> Trainer:
+    cfg = load_config_file(config)
+    cfg.captions, cfg.device = kind, "cpu"
+    procs = Processes(0, 1, torch.device("cpu"))
+    data = load_training_data(cfg, procs)
+    state = TrainingState(cfg, procs.device, 0, 1, data.steps_per_epoch(cfg.batch_size, 1), data.encoder_record)
+    return Trainer(cfg, state, data, procs, RunFolder("unused", master=False), StopSignals(1, 1, procs.device))
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
+    trainers = {kind: trainer_for(kind, args.config) for kind in CAPTION_SETS}
+    batch = trainers["digits"].cfg.batch_size
+    batches = torch.arange(batch * (args.steps + args.warmup)).view(-1, batch) % len(trainers["digits"].data.images)
+    times: dict[str, list[float]] = {kind: [] for kind in trainers}
+    for i, indices in enumerate(batches):
+        for kind, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_step(indices).item()  # .item(): the step has finished
+            if i >= args.warmup:
+                times[kind].append(time.perf_counter() - start)
+    cpu = trainers["digits"].describe()
+    print(f"{args.config}, batch {batch}, {args.steps} interleaved steps each ({cpu})\n")
+    print("| captions | prompt table rows | median step ms | img/s |\n|---|---:|---:|---:|")
+    for kind, trainer in trainers.items():
+        median = statistics.median(times[kind])
+        print(f"| {kind} | {len(trainer.data.captions.prompts)} | {median * 1e3:.1f} | {batch / median:.0f} |")
+    ratio = statistics.median(times["styles"]) / statistics.median(times["digits"])
+    print(f"\nstyles / digits step time: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
