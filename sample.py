@@ -23,12 +23,15 @@ from data.images import save_grid, save_images
 from data.trajectory import TrajectoryRecorder
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS
 from models.loading import load_trained_model
+from models.pretrained import SHIPPED, shipped_record
 from runtime.devices import PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import writable_folder
 from runtime.flags import CliParser
 from text2digit import InvalidRequest, Request, Text2Digit, make_options
 from training.checkpoints import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parent
 
 
 def build_parser() -> CliParser:
@@ -138,6 +141,20 @@ def output_paths(args, out: Path) -> tuple[Path, Path | None, Path | None]:
     return out, folder, gif
 
 
+def shipped_model(output_dir: Path) -> Path:
+    """The model that ships with the repository, when --output_dir holds no checkpoint yet (said in one line)."""
+    if not SHIPPED.is_file():
+        raise UserError(
+            f"no checkpoint in {output_dir / 'checkpoints'}; train first (python train.py) or pass --checkpoint PATH"
+        )
+    print(
+        f"no checkpoint in {output_dir / 'checkpoints'}: sampling from the shipped model {SHIPPED.relative_to(ROOT)} "
+        f"({shipped_record()['command']}; see its .json)",
+        file=sys.stderr,
+    )
+    return SHIPPED
+
+
 def warn_about_negative_prompt(args) -> None:
     if args.negative_prompt != EMPTY_PROMPT and args.guidance_scale == 1.0:
         print("warning: --negative_prompt has no effect at --guidance_scale 1 (no unconditional half)", file=sys.stderr)
@@ -152,12 +169,7 @@ def main() -> None:
 
 
 def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> None:
-    path = args.checkpoint or latest_checkpoint(args.output_dir)
-    if path is None:
-        raise UserError(
-            f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
-            "or pass --checkpoint PATH"
-        )
+    path = args.checkpoint or latest_checkpoint(args.output_dir) or shipped_model(args.output_dir)
     pipe = Text2Digit(load_trained_model(path, device, args.text_encoder), use_bf16(args.precision, device))
     for warning in args.warnings:
         print(f"warning: {warning}", file=sys.stderr)

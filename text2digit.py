@@ -27,6 +27,7 @@ from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, SamplingOptions, generate
 from models.loading import TrainedModel, load_trained_model
+from models.pretrained import SHIPPED
 from models.text_encoder import CONTEXT_LENGTH, truncated_prompt
 from runtime.devices import pick_device, use_bf16
 from runtime.errors import UserError
@@ -157,12 +158,18 @@ class Text2Digit:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "auto", precision: str = "fp32", text_encoder: str | None = None
+        cls,
+        path: str | Path | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        text_encoder: str | None = None,
     ) -> Text2Digit:
-        """Load ``path``'s EMA weights and the text encoder they were trained with. ``precision`` fp32
-        keeps every image independent of the batch it is sampled in; bf16 is faster where native."""
+        """Load ``path``'s EMA weights (None: the model that ships with the repository, models/pretrained/)
+        and the text encoder they were trained with. ``precision`` fp32 keeps every image independent
+        of the batch it is sampled in; bf16 is faster where the hardware does it natively."""
         torch_device = pick_device(device)
-        return cls(load_trained_model(Path(path), torch_device, text_encoder), use_bf16(precision, torch_device))
+        model = load_trained_model(Path(path or SHIPPED), torch_device, text_encoder)
+        return cls(model, use_bf16(precision, torch_device))
 
     def __call__(
         self,

@@ -1,0 +1,108 @@
+"""The model that ships with the repository, so that a fresh clone samples at once.
+
+``models/pretrained/cpu.pt`` holds the EMA weights of the README's quick-start model (configs/cpu.yaml)
+in float16, with the config and the text-encoder record a checkpoint has; ``cpu.json`` beside it says
+how it was made: the command, the commit, the config, its sha256 and what evaluate.py scored.
+
+    python -m models.pretrained --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt \\
+        --evaluation outputs/cpu/checkpoints/checkpoint_epoch_0004_eval_..._seed0.json
+
+re-makes both files from a trained checkpoint and its evaluation (whoever changes the quick-start
+recipe re-runs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.errors import UserError, run_cli
+from runtime.files import atomic_write
+from runtime.flags import CliParser
+from training.checkpoints import load_checkpoint
+from training.state import FORMAT_VERSION
+
+SHIPPED = Path(__file__).resolve().parent / "pretrained" / "cpu.pt"
+RECIPE = "python train.py --config configs/cpu.yaml"
+
+
+def shipped_record(path: Path = SHIPPED) -> dict[str, Any]:
+    """What ``cpu.json`` says about the shipped weights."""
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def ship(checkpoint: Path, evaluation: Path, out: Path = SHIPPED) -> dict[str, Any]:
+    """Write ``out`` (the EMA weights in float16, the config, the encoder record) and its record."""
+    payload = load_checkpoint(checkpoint)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in payload["ema"]["weights"].items()}
+    ema = {"weights": weights, "updates": payload["ema"]["updates"]}
+    shipped = {
+        "format_version": FORMAT_VERSION,
+        "config": payload["config"],
+        "text_encoder": payload["text_encoder"],
+        "ema": ema,
+        "epoch": payload["epoch"],
+    }
+    atomic_write(out, lambda f: torch.save(shipped, f))
+    scores = json.loads(evaluation.read_text())
+    record = {
+        "weights": out.name,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "storage": "EMA weights in float16, config and text-encoder record; no optimizer state",
+        "command": RECIPE,
+        "commit": _commit(),
+        "trained_from": str(checkpoint),
+        "epoch": payload["epoch"],
+        "step": payload.get("step"),
+        "config": payload["config"],
+        "text_encoder": payload["text_encoder"],
+        "versions": {"torch": torch.__version__},
+        "evaluation": {key: scores[key] for key in ("sampler", "steps", "guidance_scales", "seed", "bf16", "device")},
+        "scores": [_scores(result) for result in scores["results"]],
+    }
+    atomic_write(out.with_suffix(".json"), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    return record
+
+
+def _scores(result: dict) -> dict:
+    sets = result["sets"]
+    scores = {f"accuracy_{name}": s["accuracy"] for name, s in sets.items()}
+    scores.update({f"fmd_{name}": s["fmd"] for name, s in sets.items()})
+    scores.update({f"fmd_floor_{name}": s["fmd_floor"] for name, s in sets.items()})
+    if "styles" in result:
+        from evaluation.styles import summary
+
+        scores["styles"] = summary(result["styles"])
+    return {"guidance_scale": result["guidance_scale"], **scores}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    p = CliParser(prog="python -m models.pretrained", description="Re-make the shipped model from a checkpoint.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint trained by the quick-start recipe")
+    p.add_argument("--evaluation", type=Path, required=True, help="evaluate.py's JSON for that checkpoint")
+    args = p.parse_args(sys.argv[1:])
+    if not args.evaluation.is_file():
+        raise UserError(f"--evaluation {args.evaluation} not found; run evaluate.py --checkpoint {args.checkpoint}")
+    record = ship(args.checkpoint, args.evaluation)
+    print(
+        f"wrote {SHIPPED} ({SHIPPED.stat().st_size / 1e6:.2f} MB) and {SHIPPED.with_suffix('.json')}: {record['sha256']}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)
