@@ -99,9 +99,8 @@ def main() -> None:
     if not args.evaluation.is_file():
         raise UserError(f"--evaluation {args.evaluation} not found; run evaluate.py --checkpoint {args.checkpoint}")
     record = ship(args.checkpoint, args.evaluation)
-    print(
-        f"wrote {SHIPPED} ({SHIPPED.stat().st_size / 1e6:.2f} MB) and {SHIPPED.with_suffix('.json')}: {record['sha256']}"
-    )
+    size = SHIPPED.stat().st_size / 1e6
+    print(f"wrote {SHIPPED} ({size:.2f} MB) and {SHIPPED.with_suffix('.json')}: sha256 {record['sha256']}")
 
 
 if __name__ == "__main__":
