@@ -108,6 +108,8 @@ class Request:
                 f"{{num_samples}} x prompts is {self.num_samples * len(self.prompts)} "
                 f"images; ask for at most {MAX_IMAGES} at once",
             )
+        if self.seed < 0:  # the per-image generators are seeded through NumPy's SeedSequence
+            raise OutOfRange("seed", "{seed} must be >= 0, got {value}", value=self.seed)
         if not o.guidance_scale >= 0:
             raise OutOfRange("guidance_scale", "{guidance_scale} must be >= 0, got {value}", value=o.guidance_scale)
         if o.eta is not None and not o.eta >= 0:

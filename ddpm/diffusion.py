@@ -89,8 +89,20 @@ class GaussianDiffusion:
         return self._at(ab.sqrt(), t, x0) * noise - self._at((1 - ab).sqrt(), t, x0) * x0
 
     def training_loss(
-        self, output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self, output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, min_snr_gamma: float = 0.0
     ) -> torch.Tensor:
-        """Mean squared error of the network output against its target (the seed's "simple" loss)."""
+        """Mean squared error of the network output against its target (the seed's "simple" loss).
+
+        With ``min_snr_gamma`` > 0, each image's error is weighted as in Min-SNR-gamma (Hang et al.
+        2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 7 and 8): the x0-space
+        weight min(SNR_t, gamma), with SNR_t = alpha_bar / (1 - alpha_bar), expressed for this
+        prediction: min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v. Low-noise steps,
+        whose easy targets otherwise dominate, weigh less.
+        """
         target = self.training_target(x0, t, noise)
-        return torch.nn.functional.mse_loss(output.float(), target.float())
+        error = (output.float() - target.float()).square().flatten(1).mean(dim=1)
+        if min_snr_gamma > 0:
+            snr = self.alphas_cumprod.to(t.device)[t] / (1 - self.alphas_cumprod.to(t.device)[t])
+            clipped = snr.clamp(max=min_snr_gamma)
+            error = error * (clipped / snr if self.prediction == "eps" else clipped / (snr + 1)).float()
+        return error.mean()

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.morphometry import MEASURES
 from data.shapes import NUM_DIGITS
 from evaluation.judge import Judge, judge_images
 from evaluation.metrics import conditional_accuracy, frechet_distance, gaussian_stats
 
 SPLIT_SEED = 0  # fixed, so every evaluation uses the same halves
+SHAPE_MEASURES = ("thickness", "width")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class RealReference:
     floor_labels: np.ndarray  # their labels [N_A]
     judge_accuracy: float  # the judge's accuracy on half A: the ceiling for conditional accuracy
     reference_images: int  # size of half B
+    shape: dict[str, float]  # median Morpho-MNIST thickness and width of the whole test set
 
     def distance(self, features: np.ndarray) -> float:
         """Fréchet MNIST distance of generated features [N, D] to half B."""
@@ -48,8 +51,15 @@ def split_halves(labels: np.ndarray, seed: int = SPLIT_SEED) -> tuple[np.ndarray
     return (np.concatenate([h[: len(h) // 2] for h in halves]), np.concatenate([h[len(h) // 2 :] for h in halves]))
 
 
-def real_reference(judge: Judge, test_images: np.ndarray, test_labels: np.ndarray) -> RealReference:
-    """Judge the MNIST test set once and keep what the distance and its floor need."""
+def shape_medians(measures: np.ndarray) -> dict[str, float]:
+    """Median thickness and width (Morpho-MNIST's, in pixels) of measured digits [N, len(MEASURES)]."""
+    return {name: float(np.nanmedian(measures[:, MEASURES.index(name)])) for name in SHAPE_MEASURES}
+
+
+def real_reference(
+    judge: Judge, test_images: np.ndarray, test_labels: np.ndarray, test_measures: np.ndarray
+) -> RealReference:
+    """Judge the MNIST test set once and keep what the distance and its floor need, and its shape medians."""
     logits, features = judge_images(judge, test_images)
     half_a, half_b = split_halves(test_labels)
     mu, sigma = gaussian_stats(features[half_b])
@@ -60,4 +70,5 @@ def real_reference(judge: Judge, test_images: np.ndarray, test_labels: np.ndarra
         test_labels[half_a],
         conditional_accuracy(logits[half_a], test_labels[half_a]),
         len(half_b),
+        shape_medians(test_measures),
     )

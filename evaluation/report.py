@@ -26,12 +26,19 @@ def result_tables(result: dict) -> str:
     """Per prompt set, per digit and per template tables of one guidance scale."""
     sets = result["sets"]
     summary = markdown_table(
-        ["prompts", "samples", "accuracy", "FMD", "FMD floor (real vs real)"],
+        ["prompts", "samples", "accuracy", "FMD", "FMD floor (real vs real)", "thickness (real)", "width (real)"],
         [
-            [SET_LABELS[name], s["samples"], percent(s["accuracy"]), f"{s['fmd']:.2f}", f"{s['fmd_floor']:.2f}"]
+            [
+                SET_LABELS[name],
+                s["samples"],
+                percent(s["accuracy"]),
+                f"{s['fmd']:.2f}",
+                f"{s['fmd_floor']:.2f}",
+                *(f"{s['shape'][k]:.2f} ({s['real_shape'][k]:.2f})" for k in ("thickness", "width")),
+            ]
             for name, s in sets.items()
         ],
-        "lrrrr",
+        "lrrrrrr",
     )
     by_digit = markdown_table(
         ["accuracy by digit", *map(str, range(NUM_DIGITS))],

@@ -16,22 +16,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from data import load_mnist
+from data import load_mnist, mnist_cache_dir
 from data.captions import TRAIN_TEMPLATES, PromptPlan, plan_prompts
 from data.images import to_uint8
+from data.morphometry import cached_measures, measure_digits
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS
 from ddpm import GaussianDiffusion, generate
 from evaluation.judge import Judge, judge_images, load_judge
 from evaluation.metrics import accuracy_by, conditional_accuracy
-from evaluation.reference import RealReference, real_reference
+from evaluation.reference import RealReference, real_reference, shape_medians
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
     from training.data import TrainingData
 
 
-def group_scores(logits: np.ndarray, features: np.ndarray, digits: np.ndarray, reference: RealReference) -> dict:
-    """Accuracy overall and per digit, and the distance with its floor, of one class-balanced group."""
+def group_scores(
+    logits: np.ndarray, features: np.ndarray, digits: np.ndarray, measures: np.ndarray, reference: RealReference
+) -> dict:
+    """Accuracy overall and per digit, the distance with its floor, and the median stroke thickness and
+    width against real digits', of one class-balanced group."""
     floor, floor_samples = reference.floor(len(digits) // NUM_DIGITS)
     per_digit = accuracy_by(logits, digits, digits)
     return {
@@ -41,6 +45,8 @@ def group_scores(logits: np.ndarray, features: np.ndarray, digits: np.ndarray, r
         "fmd": reference.distance(features),
         "fmd_floor": floor,
         "floor_samples": floor_samples,
+        "shape": shape_medians(measures),
+        "real_shape": reference.shape,
     }
 
 
@@ -48,12 +54,15 @@ def score(images: np.ndarray, plan: PromptPlan, judge: Judge, reference: RealRef
     """Scores of uint8 images [N, 28, 28] sampled by ``plan``: per set (and "all" when several),
     and per template."""
     logits, features = judge_images(judge, images)
+    measures = measure_digits(images)
     sets = np.array(plan.sets)
     names = list(dict.fromkeys(plan.sets))
     groups = {name: sets == name for name in names}
     if len(names) > 1:
         groups["all"] = np.ones(len(sets), dtype=bool)
-    by_set = {name: group_scores(logits[m], features[m], plan.digits[m], reference) for name, m in groups.items()}
+    by_set = {
+        name: group_scores(logits[m], features[m], plan.digits[m], measures[m], reference) for name, m in groups.items()
+    }
     keys = list(zip(plan.sets, plan.templates))
     counts = Counter(keys)
     per_template = [
@@ -68,7 +77,8 @@ def judge_and_reference(data_dir: str | None, device: torch.device) -> tuple[Jud
     """The committed judge on ``device`` and the real-MNIST reference, computed once per process."""
     judge = load_judge(device=device)
     mnist = load_mnist(data_dir)
-    return judge, real_reference(judge, mnist.test_images, mnist.test_labels)
+    measures = cached_measures(mnist.test_images, mnist_cache_dir())
+    return judge, real_reference(judge, mnist.test_images, mnist.test_labels, measures)
 
 
 def evaluate_during_training(
@@ -95,5 +105,7 @@ def evaluate_during_training(
         "eval_fmd": seen["fmd"],
         "eval_fmd_floor": seen["fmd_floor"],
         "eval_samples": seen["samples"],
+        "eval_thickness_ratio": seen["shape"]["thickness"] / seen["real_shape"]["thickness"],
+        "eval_width_ratio": seen["shape"]["width"] / seen["real_shape"]["width"],
         "eval_seconds": time.perf_counter() - start,
     }

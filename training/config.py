@@ -33,7 +33,7 @@ SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig}
 # The range checks of validate(), by key.
 POSITIVE_KEYS = """num_epochs batch_size num_train_timesteps log_every checkpoint_every sample_every samples_per_digit
     sample_steps layers_per_block head_dim ff_mult patch_size groups eval_samples stop_check_every""".split()
-NON_NEGATIVE_KEYS = """train_subset weight_decay warmup_steps grad_clip dropout guidance_scale eval_every
+NON_NEGATIVE_KEYS = """min_snr_gamma train_subset weight_decay warmup_steps grad_clip dropout guidance_scale eval_every
     global_batch_size checkpoint_every_steps keep_last max_bad_steps""".split()
 
 
@@ -50,6 +50,7 @@ class TrainConfig:
     # diffusion: num_train_timesteps and prediction (ddpm/diffusion.py's DiffusionConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     cond_drop_prob: float = 0.1
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023; ddpm/diffusion.py), e.g. 5
     captions: str = field(default="styles", metadata={"choices": CAPTION_SETS})  # see data/captions.py
     # optimisation
     num_epochs: int = 5

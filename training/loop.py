@@ -88,7 +88,7 @@ class Trainer:
         noise = torch.randn(x0.shape, device=device, generator=gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.forward(self.diffusion.q_sample(x0, t, noise), t, context)
-        loss = self.diffusion.training_loss(output, x0, t, noise)
+        loss = self.diffusion.training_loss(output, x0, t, noise, cfg.min_snr_gamma)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), cfg.grad_clip or math.inf)

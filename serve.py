@@ -1,0 +1,358 @@
+"""A live prompt page: type a prompt, watch the digits denoise step by step, download the grid.
+
+    python serve.py                                   # http://127.0.0.1:8000, the model that ships with the repo
+    python serve.py --port 8080 --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt
+    python serve.py --port 0                          # any free port (the printed line names it)
+
+The model is loaded once; requests queue for one worker thread that samples them one at a time, in
+order of arrival. The API (the page in web/ is its only client, but any HTTP client will do):
+
+- ``GET /api/config``: the samplers, the form's defaults, the limits and the model, as JSON.
+- ``GET /api/status``: the worker's counts: ``pending`` (queued or running), ``served``, ``cancelled``, ``failed``.
+- ``POST /api/generate`` with a JSON object (``GenerateBody``: ``prompt`` is required) answers with
+  server-sent events, each ``data`` one JSON object:
+  ``queued`` {job, ahead} at once; ``start`` {steps, num_samples} when the worker takes it;
+  ``frame`` {step, t, x_t, x0} after every network call; then ``done`` {seconds, images} or
+  ``error`` {error}. Images are base64 of raw uint8 [num_samples, 28, 28], 0 black, 255 white.
+  A bad request is refused before any event, with status 400 (the pipeline's own checks) or 422
+  (not JSON, wrong types, missing or unknown fields) and a JSON body {"error": one line, "field": name or null}.
+
+A client that disconnects has its generation stopped at the next step (the step callback raises),
+and the worker moves on to the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import queue
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from data.captions import EMPTY_PROMPT
+from ddpm import DEFAULT_SAMPLING, SAMPLERS
+from runtime.devices import PRECISION_HELP, PRECISIONS
+from runtime.errors import UserError, run_cli
+from runtime.flags import CliParser
+from text2digit import InvalidRequest, OutOfRange, Request, Text2Digit, make_options
+
+ROOT = Path(__file__).resolve().parent
+WEB = ROOT / "web"
+MAX_DIGITS = 64  # per request: 64 digits at 1000 steps already take minutes on a 2-core CPU
+FINAL_EVENTS = ("done", "error")
+log = logging.getLogger("text2digit.serve")
+
+
+class GenerateBody(BaseModel):
+    """The JSON body of ``POST /api/generate`` (the page's form). Strict: "20" is not a number, and
+    unknown fields are refused, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    negative_prompt: str = EMPTY_PROMPT
+    guidance_scale: float = Field(DEFAULT_SAMPLING.guidance_scale, allow_inf_nan=False)
+    steps: int = DEFAULT_SAMPLING.steps
+    sampler: str = DEFAULT_SAMPLING.sampler
+    seed: int = 0
+    num_samples: int = 8
+    allow_truncation: bool = False
+
+    def to_request(self, num_train_timesteps: int) -> Request:
+        """The pipeline's request, checked by its rules and the page's limits (InvalidRequest otherwise)."""
+        if self.num_samples > MAX_DIGITS:
+            raise OutOfRange(
+                "num_samples",
+                "{num_samples} must be at most {most}, got {value}",
+                most=MAX_DIGITS,
+                value=self.num_samples,
+            )
+        options = make_options(self.sampler, steps=self.steps, guidance_scale=self.guidance_scale)
+        request = Request(
+            (self.prompt,), self.num_samples, options, self.seed, self.negative_prompt, self.allow_truncation
+        )
+        request.validate(num_train_timesteps)
+        return request
+
+
+def api_name(parameter: str) -> str:
+    """A pipeline parameter as the API spells it (messages name the field to fix)."""
+    return "prompt" if parameter == "prompts" else parameter
+
+
+def encode_images(images: np.ndarray) -> str:
+    """uint8 images as base64 of their raw bytes: the page decodes them straight into canvas pixels."""
+    return base64.b64encode(np.ascontiguousarray(images, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def decode_images(text: str, size: int = 28) -> np.ndarray:
+    """The inverse of :func:`encode_images`: uint8 [N, size, size]."""
+    return np.frombuffer(base64.b64decode(text), dtype=np.uint8).reshape(-1, size, size)
+
+
+def iter_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """(event, data) of a server-sent event stream given line by line (for clients in Python:
+    the benchmark and the tests); comments (keep-alive pings) are skipped."""
+    event, data = "message", []
+    for line in lines:
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield event, json.loads("\n".join(data))
+            event, data = "message", []
+
+
+class Cancelled(Exception):
+    """Raised by the step callback to stop a generation nobody waits for any more."""
+
+
+@dataclass
+class Job:
+    """One request on its way through the queue, and the events its stream is to send."""
+
+    id: int
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, event: str, **data: object) -> None:
+        """Hand an event to the stream; called from the worker thread."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ServerSentEvent(event=event, data=data))
+
+
+class Worker:
+    """Samples the queued jobs one at a time, in order, on one thread, so that two requests never
+    share the model at once and each stream gets only its own frames."""
+
+    def __init__(self, pipe: Text2Digit, threads: int = 0):
+        self.pipe, self.threads = pipe, threads
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.closing = threading.Event()
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter(pending=0, served=0, cancelled=0, failed=0)
+        self.thread = threading.Thread(target=self._run, name="text2digit-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop at the next step of the running job; queued ones are dropped."""
+        self.closing.set()
+        self.jobs.put(None)
+        self.thread.join()
+
+    def submit(self, job: Job) -> int:
+        """Queue ``job``; returns how many jobs are ahead of it (queued or running)."""
+        with self.lock:
+            ahead = self.counts["pending"]
+            self.counts["pending"] += 1
+        self.jobs.put(job)
+        return ahead
+
+    def status(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
+
+    def _run(self) -> None:
+        if self.threads:  # set on this thread, the one whose torch calls use them
+            torch.set_num_threads(self.threads)
+        while (job := self.jobs.get()) is not None:
+            outcome = self._generate(job)
+            with self.lock:
+                self.counts["pending"] -= 1
+                self.counts[outcome] += 1
+
+    def _generate(self, job: Job) -> str:
+        """Sample one job, streaming its steps; returns its outcome (a key of ``counts``)."""
+        if job.cancelled.is_set() or self.closing.is_set():
+            return "cancelled"
+        job.emit("start", steps=job.request.options.steps, num_samples=job.request.num_samples)
+        start = time.perf_counter()
+        try:
+            images = self.pipe.generate(job.request, callback=lambda *step: self._step(job, *step))
+        except Cancelled:
+            return "cancelled"
+        except Exception as err:  # this request fails (a bug, memory); the server goes on with the next
+            log.exception("generation %d failed", job.id)
+            job.emit("error", error=f"generation failed: {type(err).__name__}: {err}")
+            return "failed"
+        job.emit("done", seconds=round(time.perf_counter() - start, 3), images=encode_images(images[0]))
+        return "served"
+
+    def _step(self, job: Job, i: int, t: int, x_t: np.ndarray, x0: np.ndarray) -> None:
+        if job.cancelled.is_set() or self.closing.is_set():
+            raise Cancelled
+        job.emit("frame", step=i, t=int(t), x_t=encode_images(x_t), x0=encode_images(x0))
+
+
+def describe(pipe: Text2Digit) -> str:
+    """The model in a few words: its file (relative to the repository when inside it), epoch, precision, device."""
+    path = pipe.model.path.resolve()
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return f"{shown}, epoch {pipe.model.epoch}, {'bf16' if pipe.bf16 else 'fp32'} on {pipe.device}"
+
+
+def page_config(pipe: Text2Digit) -> dict:
+    """What the page builds its form from: choices, defaults and limits."""
+    defaults = {name: f.default for name, f in GenerateBody.model_fields.items() if not f.is_required()}
+    return {
+        "model": describe(pipe),
+        "samplers": list(SAMPLERS),
+        "defaults": defaults,
+        "limits": {"max_steps": pipe.model.diffusion.num_steps, "max_digits": MAX_DIGITS},
+    }
+
+
+def refusal(message: str, field_name: str | None, status: int) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field_name}, status_code=status)
+
+
+async def invalid_request(_, err: InvalidRequest) -> JSONResponse:
+    return refusal(err.render(api_name), api_name(err.field), 400)
+
+
+async def malformed_request(_, err: RequestValidationError) -> JSONResponse:
+    """FastAPI's list of validation errors as one line, naming the first."""
+    errors = err.errors()
+    first = errors[0]
+    name = ".".join(str(part) for part in first["loc"][1:]) or None  # loc starts with "body"
+    if first["type"] == "json_invalid":
+        message, name = "the request body is not valid JSON", None  # loc: the character position
+    elif name is None:  # no body, or not an object
+        message = 'the request body must be a JSON object, e.g. {"prompt": "7"}'
+    else:
+        message = f"{name}: {first['msg']}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return refusal(message + more, name, 422)
+
+
+def checked(body: GenerateBody, http: HttpRequest) -> Request:
+    """The request to sample, as a dependency: it runs, and may refuse, before the event stream opens."""
+    return body.to_request(http.app.state.num_train_timesteps)
+
+
+def create_app(pipe: Text2Digit, threads: int = 0) -> FastAPI:
+    """The page and its API around a loaded pipeline; ``threads`` (0: leave torch's setting) for sampling."""
+    worker = Worker(pipe, threads)
+    config = page_config(pipe)
+    job_ids = itertools.count(1)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="text2digit", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.num_train_timesteps = pipe.model.diffusion.num_steps
+    app.add_exception_handler(InvalidRequest, invalid_request)
+    app.add_exception_handler(RequestValidationError, malformed_request)
+
+    @app.get("/api/config")
+    def get_config() -> dict:
+        return config
+
+    @app.get("/api/status")
+    def get_status() -> dict[str, int]:
+        return worker.status()
+
+    @app.post("/api/generate", response_class=EventSourceResponse)
+    async def generate(request: Annotated[Request, Depends(checked)]) -> AsyncIterator[ServerSentEvent]:
+        job = Job(next(job_ids), request, asyncio.get_running_loop())
+        ahead = worker.submit(job)
+        try:
+            yield ServerSentEvent(event="queued", data={"job": job.id, "ahead": ahead})
+            while (event := await job.events.get()).event not in FINAL_EVENTS:
+                yield event
+            yield event
+        finally:  # finished, or the client went away (the stream is cancelled): stop the work either way
+            job.cancelled.set()
+
+    app.mount("/", StaticFiles(directory=WEB, html=True), name="page")
+    return app
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, made before the model loads: a busy port is refused
+    at once, and nothing can take the port in the seconds the loading takes."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535 (0: any free port), got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--host {host!r} is not an address this machine knows ({err.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port}: {err.strerror.lower() if err.strerror else err}; "
+            "stop what holds it or choose another port with --port (0: any free one)"
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_parser() -> CliParser:
+    p = CliParser(prog="serve.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint to sample from (default: the shipped model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for sampling (0: torch's default, one per core). 1 leaves a core to the server "
+        "and the browser, and keeps a step fast when other work shares the CPU",
+    )
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args(sys.argv[1:])
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    sock = listening_socket(args.host, args.port)
+    pipe = Text2Digit.from_checkpoint(args.checkpoint, args.device, args.precision)
+    app = create_app(pipe, args.threads)
+    print(f"serving text2digit on {url_of(sock)} (model: {describe(pipe)})", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    run_cli(main)
