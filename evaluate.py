@@ -35,7 +35,7 @@ from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
-from text2digit import Request, Text2Digit
+from text2digit import Request, Text2Digit, add_guidance_interval_flag
 from training.checkpoints import latest_checkpoint
 
 PICTURE_COLUMNS = 8
@@ -69,6 +69,7 @@ def parse_args(argv: list[str]):
         default=20,
         help="images per style prompt (a thick 7, ...) for a model trained on style captions; 0: none",
     )
+    add_guidance_interval_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
@@ -201,7 +202,12 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     results = []
     for scale in args.guidance_scale:
         t0 = time.perf_counter()
-        options = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance_scale=scale)
+        options = DEFAULT_SAMPLING.replace(
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance_scale=scale,
+            guidance_interval=tuple(args.guidance_interval),
+        )
         images = sample_plan(pipe, plan.prompts, options, args)[:, 0]
         results.append({"guidance_scale": scale, **score(images, plan, judge, reference)})
         if styles is not None:

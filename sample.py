@@ -28,7 +28,7 @@ from runtime.devices import PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import writable_folder
 from runtime.flags import CliParser
-from text2digit import InvalidRequest, Request, Text2Digit, make_options
+from text2digit import InvalidRequest, Request, Text2Digit, add_guidance_interval_flag, make_options
 from training.checkpoints import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -89,6 +89,7 @@ def build_parser() -> CliParser:
         "(auto: where the hardware does it natively) is ~2x faster on such CPUs, but its pixels "
         "then vary slightly with the batch size",
     )
+    add_guidance_interval_flag(p)
     return p
 
 
@@ -100,6 +101,7 @@ def parse_args(argv: list[str]):
     try:
         options = make_options(
             args.sampler,
+            guidance_interval=tuple(args.guidance_interval),
             steps=args.steps,
             guidance_scale=args.guidance_scale,
             spacing=args.spacing,

@@ -144,11 +144,32 @@ def make_options(sampler: str = DEFAULT_SAMPLING.sampler, **values) -> SamplingO
             raise OutOfRange(
                 field, "{" + field + "} must be one of " + ", ".join(known) + ", got {value!r}", value=value
             )
+    interval = values.get("guidance_interval")
+    if interval is not None and not 0 <= interval[0] < interval[1]:
+        raise OutOfRange(
+            "guidance_interval",
+            "{guidance_interval} must be two noise levels 0 <= low < high, got {value}",
+            value=" ".join(f"{x:g}" for x in interval),
+        )
     if values.get("eta") is not None and sampler != "ddim":
         raise OutOfRange(
             "eta", "{eta} only applies to {sampler} ddim, not {value}; drop {eta} or use {sampler} ddim", value=sampler
         )
     return DEFAULT_SAMPLING.replace(sampler=sampler, **values)
+
+
+def add_guidance_interval_flag(parser) -> None:
+    """The commands' ``--guidance_interval LOW HIGH`` flag (the pipeline's ``guidance_interval``)."""
+    low, high = DEFAULT_SAMPLING.guidance_interval
+    parser.add_argument(
+        "--guidance_interval",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        default=(low, high),
+        help=f"guide only at noise levels LOW < sigma_t <= HIGH (default {low:g} {high:g}: the "
+        "high-noise steps; 0 inf guides every step), Kynkaanniemi et al. 2024",
+    )
 
 
 class Text2Digit:

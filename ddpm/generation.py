@@ -7,6 +7,7 @@ sample grids, sample.py, evaluate.py and the pipeline all start from ``DEFAULT_S
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,11 +27,13 @@ class SamplingOptions:
 
     sampler: str = "dpmpp_2m"
     steps: int = 20
-    guidance_scale: float = 8.0
+    guidance_scale: float = 4.0
     spacing: str = "trailing"
     threshold: str = "clip"
     eta: float | None = None
-    guidance_interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi]: guide only there (ddpm/guidance.py)
+    # (sigma_lo, sigma_hi]: guide only there (ddpm/guidance.py); the default guides the high-noise steps,
+    # where the digit is decided, and leaves the strokes to the conditional model (see the README's Results)
+    guidance_interval: tuple[float, float] | None = (2.0, math.inf)
     guidance_rescale: float = 0.0  # phi of guidance rescale (ddpm/guidance.py); 0 is plain CFG
 
     def __post_init__(self) -> None:

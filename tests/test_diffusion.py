@@ -138,3 +138,53 @@ def test_classifier_free_guidance_combines_in_one_call():
     torch.testing.assert_close(
         unguided(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)), torch.full((3, 1, 2, 2), 2.0)
     )
+
+
+def test_min_snr_weights_each_image_by_the_closed_form():
+    """Hang et al. 2023: weight min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, SNR = ab / (1 - ab)."""
+    t = torch.tensor([5, 500, 990])
+    f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    snr = [(f(s + 1) / f(0)) / (1 - f(s + 1) / f(0)) for s in t.tolist()]
+    out, noise = torch.zeros(3, 1, 2, 2), torch.tensor([1.0, 2.0, 3.0]).reshape(3, 1, 1, 1).expand(3, 1, 2, 2)
+    eps = GaussianDiffusion(cosine_beta_schedule(T))
+    expected = sum(e**2 * min(s, 5.0) / s for e, s in zip((1.0, 2.0, 3.0), snr)) / 3
+    assert eps.training_loss(out, torch.zeros_like(out), t, noise, min_snr_gamma=5.0).item() == pytest.approx(expected)
+    v = GaussianDiffusion(cosine_beta_schedule(T), prediction="v")
+    target = v.training_target(torch.zeros_like(out), t, noise)
+    errors = target.square().flatten(1).mean(1).tolist()
+    expected_v = sum(e * min(s, 5.0) / (s + 1) for e, s in zip(errors, snr)) / 3
+    assert v.training_loss(out, torch.zeros_like(out), t, noise, min_snr_gamma=5.0).item() == pytest.approx(expected_v)
+
+
+def test_guidance_interval_guides_only_inside_it_with_one_pass_outside():
+    calls = []
+
+    def net(x, t, context):
+        calls.append(len(x))
+        return context[:, :1, :1].reshape(-1, 1, 1, 1).expand_as(x).clone()
+
+    diffusion = GaussianDiffusion(cosine_beta_schedule(T))
+    cond, uncond = torch.full((3, 1, 1), 2.0), torch.full((1, 1, 1), 0.5)
+    eps_fn = classifier_free_guidance(net, diffusion, cond, uncond, scale=4.0, interval=(2.0, math.inf))
+    for t, guided in ((999, True), (10, False)):
+        ab = float(diffusion.alphas_cumprod[t])
+        assert (math.sqrt((1 - ab) / ab) > 2.0) == guided
+        eps = eps_fn(torch.zeros(3, 1, 2, 2), torch.full((3,), t))
+        torch.testing.assert_close(eps, torch.full((3, 1, 2, 2), 0.5 + 4.0 * 1.5 if guided else 2.0))
+    assert calls == [6, 3]
+
+
+def test_guidance_rescale_matches_the_conditional_x0_spread():
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(cosine_beta_schedule(T))
+    eps_c, eps_u = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    net = lambda x, t, context: torch.where(
+        context[:, :1, :1, None] > 0, eps_c.repeat(2, 1, 1, 1)[: len(x)], eps_u.repeat(2, 1, 1, 1)[: len(x)]
+    )
+    cond, uncond = torch.ones(2, 1, 1), -torch.ones(1, 1, 1)
+    x, t = torch.randn(2, 1, 4, 4), torch.full((2,), 400)
+    ab = float(diffusion.alphas_cumprod[400])
+    to_x0 = lambda e: (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+    rescaled = classifier_free_guidance(net, diffusion, cond, uncond, 6.0, rescale=1.0)(x, t)
+    spread = lambda e: to_x0(e).flatten(1).std(1)
+    torch.testing.assert_close(spread(rescaled), spread(eps_c), rtol=1e-4, atol=1e-5)

@@ -26,10 +26,17 @@ from training.optimizer import build_optimizer
 from training.rng import gather_rng, restore_rng
 from training.stopping import NonFiniteGuard
 
-# 1: a5c598a and before (no version key); 2: adds format_version and the "groups" and "captions" keys.
+# 1: a5c598a and before (no version key); 2: adds format_version and the "groups" and "captions"
+# keys.
 FORMAT_VERSION = 2
 # What a saved config meant by the keys it lacks: the UNet layout and captions of the time before each key.
-LEGACY_DEFAULTS = {"ff_mult": 4, "extra_up_block": True, "patch_size": 1, "groups": 8, "captions": "digits"}
+LEGACY_DEFAULTS = {
+    "ff_mult": 4,
+    "extra_up_block": True,
+    "patch_size": 1,
+    "groups": 8,
+    "captions": "digits",
+}
 SAMPLING_KEYS = ("config", "ema", "text_encoder", "epoch")
 RESUME_KEYS = (
     "model",
@@ -58,9 +65,8 @@ def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
         )
     if not set(SAMPLING_KEYS) <= payload.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (missing config/ema/text_encoder)")
-    if version == 1:
-        payload = {**payload, "config": {**LEGACY_DEFAULTS, **payload["config"]}, "format_version": 2}
-    return payload
+    # Keys a config lacks mean what they meant before they existed, in any version.
+    return {**payload, "config": {**LEGACY_DEFAULTS, **payload["config"]}, "format_version": FORMAT_VERSION}
 
 
 def position(payload: Mapping[str, Any]) -> tuple[int, int, int, int]:
