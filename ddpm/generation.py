@@ -27,7 +27,7 @@ class SamplingOptions:
 
     sampler: str = "dpmpp_2m"
     steps: int = 20
-    guidance_scale: float = 4.0
+    guidance_scale: float = 6.0
     spacing: str = "trailing"
     threshold: str = "clip"
     eta: float | None = None

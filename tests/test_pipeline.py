@@ -1,0 +1,102 @@
+"""The Python pipeline and the shipped model: the README's lines run as written, requests are checked in
+one place with typed errors, the shipped model draws what it is asked for, and the recipe that made
+it is deterministic."""
+
+import hashlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evaluation.judge import judge_images, load_judge
+from models.pretrained import SHIPPED, shipped_record
+from tests.helpers import PROCESS_ENV, ROOT, TINY_CONFIG, state_bytes
+from text2digit import EmptyPrompt, InvalidRequest, OutOfRange, PromptTooLong, Request, Text2Digit, make_options
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Text2Digit:
+    return Text2Digit.from_checkpoint()
+
+
+def test_the_readme_example_runs_as_written(pipe):
+    block = re.search(r"## Python pipeline\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    digits, thinner = scope["digits"], scope["thinner"]
+    assert digits.shape == (2, 8, 28, 28) and digits.dtype == np.uint8
+    assert len(thinner) == 1 and len(thinner[0]) == 8 and isinstance(thinner[0][0], Image.Image)
+
+
+def test_the_shipped_model_draws_the_prompted_digits(pipe):
+    images = pipe([str(d) for d in range(10)], num_samples=10, seed=0)
+    logits, _ = judge_images(load_judge(), images.reshape(-1, 28, 28))
+    accuracy = (logits.argmax(1) == np.repeat(np.arange(10), 10)).mean()
+    assert accuracy >= 0.95, accuracy
+
+
+def test_the_shipped_file_is_what_its_record_says():
+    record = shipped_record()
+    assert hashlib.sha256(SHIPPED.read_bytes()).hexdigest() == record["sha256"]
+    assert record["command"] == "python train.py --config configs/cpu.yaml"
+    assert SHIPPED.stat().st_size < 3 * 2**20
+
+
+def test_same_seed_same_digits_and_a_callback_per_step(pipe):
+    steps = []
+    a = pipe("3", num_samples=4, steps=6, seed=1, callback=lambda i, t, x_t, x0: steps.append((i, t, x0.shape)))
+    b = pipe("3", num_samples=4, steps=6, seed=1)
+    assert np.array_equal(a, b) and not np.array_equal(a, pipe("3", num_samples=4, steps=6, seed=2))
+    assert [(i, shape) for i, _, shape in steps] == [(i, (4, 28, 28)) for i in range(6)]
+    shared = pipe(["3", "a thick 3"], num_samples=2, steps=6, seed=1, shared_noise=True)
+    assert np.array_equal(shared[0], a[0, :2])  # the first prompt's images are unchanged
+
+
+@pytest.mark.parametrize(
+    "call,error,field",
+    [
+        (lambda p: p("  "), EmptyPrompt, "prompts"),
+        (lambda p: p("a picture of the handwritten digit seven"), PromptTooLong, "prompts"),
+        (
+            lambda p: p("7", negative_prompt="a picture of the handwritten digit seven"),
+            PromptTooLong,
+            "negative_prompt",
+        ),
+        (lambda p: p("7", num_samples=0), OutOfRange, "num_samples"),
+        (lambda p: p("7", steps=1001), OutOfRange, "steps"),
+        (lambda p: p("7", guidance_scale=-1.0), OutOfRange, "guidance_scale"),
+        (lambda p: p("7", seed=-1), OutOfRange, "seed"),
+        (lambda p: p("7", sampler="euler"), OutOfRange, "sampler"),
+        (lambda p: p("7", eta=0.5), OutOfRange, "eta"),
+        (lambda p: p("7", guidance_interval=(3.0, 1.0)), OutOfRange, "guidance_interval"),
+    ],
+)
+def test_bad_requests_raise_typed_errors_naming_the_input(pipe, call, error, field):
+    with pytest.raises(error) as raised:
+        call(pipe)
+    assert isinstance(raised.value, InvalidRequest) and raised.value.field == field
+    assert "\n" not in str(raised.value)
+    assert raised.value.render(lambda name: f"--{name}").count("--") >= 1
+
+
+def test_a_truncated_prompt_is_allowed_only_when_asked():
+    request = Request(("a picture of the handwritten digit seven",), options=make_options(), allow_truncation=True)
+    assert request.validate() == [
+        "prompt 'a picture of the handwritten digit seven' was truncated to 8 tokens: "
+        "'a picture of the handwritten digit'"
+    ]
+
+
+@pytest.mark.slow
+def test_the_recipe_is_deterministic(tmp_path):
+    """The record's command, on the tiny config, run twice: bitwise the same EMA weights. What makes the
+    shipped record reproducible on the same kind of machine."""
+    for run in ("a", "b"):
+        command = [sys.executable, "train.py", "--config", str(TINY_CONFIG), "--output_dir", str(tmp_path / run)]
+        subprocess.run(command, cwd=ROOT, env=PROCESS_ENV, check=True, capture_output=True, timeout=600)
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "checkpoint_epoch_0002.pt", weights_only=True) for run in "ab")
+    assert state_bytes(a["ema"]) == state_bytes(b["ema"]) and state_bytes(a["model"]) == state_bytes(b["model"])
