@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
 from text2digit import Request, Text2Digit, add_guidance_interval_flag
 from training.checkpoints import latest_checkpoint
+from training.config import DEFAULT_OUTPUT_DIR
 
 PICTURE_COLUMNS = 8
 
@@ -54,7 +57,7 @@ def parse_scales(text: str) -> list[float]:
 def parse_args(argv: list[str]):
     p = CliParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
-    p.add_argument("--output_dir", type=Path, default=Path("outputs/mnist"), help="training output folder")
+    p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="training output folder")
     p.add_argument("--num_samples", type=int, default=100, help="images per digit for each prompt set")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
     p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps")
@@ -159,12 +162,32 @@ def style_sampler(pipe: Text2Digit, options: SamplingOptions, args) -> SampleFn:
     return lambda prompts, per_prompt, negative: sample_plan(pipe, prompts, options, args, per_prompt, negative, True)
 
 
-def write_style_picture(sample, path: Path) -> None:
-    """Rows low word / plain / high word per digit and attribute, the same seeds in every row."""
+def style_picture(sample) -> Callable[[Path], None]:
+    """Rows low word / plain / high word per digit and attribute, the same seeds in every row; sampled
+    now, written by the returned function once the report is safely on disk."""
     prompts = style_picture_rows()
     images = sample(prompts, PICTURE_COLUMNS, EMPTY_PROMPT)
-    save_grid(list(images), [f'"{p}"' for p in prompts], path)
-    print(f"wrote {path}")
+    return partial(save_grid, list(images), [f'"{p}"' for p in prompts])
+
+
+def evaluate_scale(pipe: Text2Digit, scale: float, plan, references, args) -> tuple[dict, Callable | None]:
+    """One guidance scale's scores, printed, and the writer of its style picture (None without styles)."""
+    judge, reference, styles = references
+    t0 = time.perf_counter()
+    options = DEFAULT_SAMPLING.replace(
+        sampler=args.sampler, steps=args.steps, guidance_scale=scale, guidance_interval=tuple(args.guidance_interval)
+    )
+    images = sample_plan(pipe, plan.prompts, options, args)[:, 0]
+    result, picture = {"guidance_scale": scale, **score(images, plan, judge, reference)}, None
+    if styles is not None:
+        sample = style_sampler(pipe, options, args)
+        result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
+        picture = style_picture(sample)
+    result["seconds"] = time.perf_counter() - t0
+    print(result_tables(result), flush=True)
+    if styles is not None:
+        print(style_tables(result["styles"]), flush=True)
+    return result, picture
 
 
 def main() -> None:
@@ -199,36 +222,24 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
         f"{100 * reference.judge_accuracy:.2f}%\n"
     )
 
-    results = []
+    results, pictures = [], {}
     for scale in args.guidance_scale:
-        t0 = time.perf_counter()
-        options = DEFAULT_SAMPLING.replace(
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance_scale=scale,
-            guidance_interval=tuple(args.guidance_interval),
-        )
-        images = sample_plan(pipe, plan.prompts, options, args)[:, 0]
-        results.append({"guidance_scale": scale, **score(images, plan, judge, reference)})
-        if styles is not None:
-            sample = style_sampler(pipe, options, args)
-            results[-1]["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
-            write_style_picture(sample, output_path(args, path, f"_styles_cfg{scale:g}.png"))
-        results[-1]["seconds"] = time.perf_counter() - t0
-        print(result_tables(results[-1]), flush=True)
-        if styles is not None:
-            print(style_tables(results[-1]["styles"]), flush=True)
+        result, picture = evaluate_scale(pipe, scale, plan, (judge, reference, styles), args)
+        results.append(result)
+        if picture is not None:
+            pictures[output_path(args, path, f"_styles_cfg{scale:g}.png")] = picture
 
     if len(results) > 1:
         print(f"### guidance sweep\n\n{sweep_table(results)}\n")
         plot = plot_sweep(results, f"{path.name}: {args.sampler}, {args.steps} steps, seed {args.seed}")
-        png = output_path(args, path, ".png")
-        atomic_write(png, lambda f: plot.save(f, format="PNG"))
-        print(f"wrote {png}")
+        pictures[output_path(args, path, ".png")] = lambda png: atomic_write(png, lambda f: plot.save(f, format="PNG"))
     report = build_report(args, model, device, record, reference, results, time.perf_counter() - start)
     out = output_path(args, path, ".json")
     atomic_write(out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     print(f"wrote {out} ({report['wall_seconds']:.0f} s in all)")
+    for picture, write in pictures.items():  # after the report: the figures matter more than the pictures
+        write(picture)
+        print(f"wrote {picture}")
 
 
 if __name__ == "__main__":

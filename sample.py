@@ -30,6 +30,7 @@ from runtime.files import writable_folder
 from runtime.flags import CliParser
 from text2digit import InvalidRequest, Request, Text2Digit, add_guidance_interval_flag, make_options
 from training.checkpoints import latest_checkpoint
+from training.config import DEFAULT_OUTPUT_DIR
 
 ROOT = Path(__file__).resolve().parent
 
@@ -38,7 +39,12 @@ def build_parser() -> CliParser:
     p = CliParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several rows")
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
-    p.add_argument("--output_dir", type=Path, default=Path("outputs/mnist"), help="training output folder")
+    p.add_argument(
+        "--output_dir",
+        type=Path,
+        help=f"training output folder (default {DEFAULT_OUTPUT_DIR}; when not given and it holds no checkpoint, "
+        "the shipped model samples)",
+    )
     p.add_argument("--num_samples", type=int, default=8, help="images per prompt")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
     p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps (network calls per image)")
@@ -96,6 +102,8 @@ def build_parser() -> CliParser:
 def parse_args(argv: list[str]):
     """The flags, every value checked before any work (the request by the pipeline's own rules)."""
     args = build_parser().parse_args(argv)
+    args.shipped_fallback = args.output_dir is None and args.checkpoint is None
+    args.output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
     try:
@@ -143,9 +151,12 @@ def output_paths(args, out: Path) -> tuple[Path, Path | None, Path | None]:
     return out, folder, gif
 
 
-def shipped_model(output_dir: Path) -> Path:
-    """The model that ships with the repository, when --output_dir holds no checkpoint yet (said in one line)."""
-    if not SHIPPED.is_file():
+def shipped_model(args) -> Path:
+    """The model that ships with the repository, when no folder was named and the default one holds no
+    checkpoint yet (said in one line). A folder named by --output_dir must hold one: a typo there should
+    not quietly sample someone else's model."""
+    output_dir = args.output_dir
+    if not (args.shipped_fallback and SHIPPED.is_file()):
         raise UserError(
             f"no checkpoint in {output_dir / 'checkpoints'}; train first (python train.py) or pass --checkpoint PATH"
         )
@@ -171,7 +182,7 @@ def main() -> None:
 
 
 def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> None:
-    path = args.checkpoint or latest_checkpoint(args.output_dir) or shipped_model(args.output_dir)
+    path = args.checkpoint or latest_checkpoint(args.output_dir) or shipped_model(args)
     pipe = Text2Digit(load_trained_model(path, device, args.text_encoder), use_bf16(args.precision, device))
     for warning in args.warnings:
         print(f"warning: {warning}", file=sys.stderr)

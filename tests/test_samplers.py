@@ -285,7 +285,7 @@ def test_negative_prompt_replaces_the_unconditional_half(diffusion, negative, ex
         diffusion,
         cond,
         uncond,
-        SamplingOptions(sampler="ddim", steps=4, guidance_scale=5.0),
+        SamplingOptions(sampler="ddim", steps=4, guidance_scale=5.0, guidance_interval=(0.0, math.inf)),
         image_shape=IMAGE_SHAPE,
         batch_size=4,
     )

@@ -29,6 +29,7 @@ from runtime.flags import CliParser, parse_bool, require_positive, suggest
 from training.optimizer import LR_SCHEDULES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml"
+DEFAULT_OUTPUT_DIR = Path("outputs/mnist")  # train.py's, and where sample.py and evaluate.py look
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig}
 # The range checks of validate(), by key.
 POSITIVE_KEYS = """num_epochs batch_size num_train_timesteps log_every checkpoint_every sample_every samples_per_digit
@@ -41,7 +42,7 @@ NON_NEGATIVE_KEYS = """min_snr_gamma train_subset weight_decay warmup_steps grad
 class TrainConfig:
     # data and outputs
     data_dir: str | None = None
-    output_dir: str = "outputs/mnist"
+    output_dir: str = str(DEFAULT_OUTPUT_DIR)
     train_subset: int = 0  # train on the first N images only (0 = all 60,000)
     # model: the UNet's layout (the fields of models/unet.py's UNetConfig) and the text encoder
     model: UNetConfig = field(default_factory=UNetConfig)
