@@ -31,6 +31,7 @@ from models.unet import UNet
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser
+from text2digit import add_guidance_interval_flag
 from training.config import TrainConfig
 
 DEFAULT_STEPS = "10,20,50,100,1000"
@@ -57,6 +58,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--device", default="cpu", help="cpu (the benchmark's setting) or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
+    add_guidance_interval_flag(p)
     args = p.parse_args(argv)
     args.samplers = comma_list(args.samplers, str, "--samplers")
     args.steps = comma_list(args.steps, int, "--steps")
@@ -108,15 +110,20 @@ def main() -> None:
     judge = load_judge(device=device) if digits is not None else None
     bf16 = use_bf16(args.precision, device)
     options = DEFAULT_SAMPLING.replace(
-        guidance_scale=args.guidance_scale, spacing=args.spacing, threshold=args.threshold
+        guidance_scale=args.guidance_scale,
+        guidance_interval=tuple(args.guidance_interval),
+        spacing=args.spacing,
+        threshold=args.threshold,
     )
     common = dict(image_shape=IMAGE_SHAPE, seed=args.seed, batch_size=args.batch_size, bf16=bf16)
     generate(net, diffusion, cond[:2], uncond, options.replace(sampler="ddim", steps=1), **common)  # warm-up
 
     params = sum(p.numel() for p in net.parameters()) / 1e6
+    low, high = options.guidance_interval
     print(
-        f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} "
-        f"(2 network calls per image-step), batch {args.batch_size}, {args.spacing} spacing, threshold "
+        f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} at "
+        f"{low:g} < sigma <= {high:g} (2 network calls per guided image-step), batch {args.batch_size}, "
+        f"{args.spacing} spacing, threshold "
         f"{args.threshold}, {'bf16' if bf16 else 'fp32'}; {device.type} with "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
     )

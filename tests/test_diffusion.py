@@ -121,15 +121,21 @@ def test_timestep_spacings():
         sampling_timesteps(T, 10, "sideways")
 
 
-def test_classifier_free_guidance_combines_in_one_call():
-    calls = []
+def context_echo(calls: list[int]):
+    """A network whose eps is its prompt's first context value (it records each batch size), a schedule,
+    and three conditional prompts worth 2.0 and an unconditional one worth 0.5."""
 
     def net(x, t, context):
         calls.append(len(x))
         return context[:, :1, :1].reshape(-1, 1, 1, 1).expand_as(x).clone()
 
     diffusion = GaussianDiffusion(cosine_beta_schedule(T))
-    cond, uncond = torch.full((3, 1, 1), 2.0), torch.full((1, 1, 1), 0.5)
+    return net, diffusion, torch.full((3, 1, 1), 2.0), torch.full((1, 1, 1), 0.5)
+
+
+def test_classifier_free_guidance_combines_in_one_call():
+    calls = []
+    net, diffusion, cond, uncond = context_echo(calls)
     eps_fn = classifier_free_guidance(net, diffusion, cond, uncond, scale=8.0)
     eps = eps_fn(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long))
     assert calls == [6]
@@ -158,13 +164,7 @@ def test_min_snr_weights_each_image_by_the_closed_form():
 
 def test_guidance_interval_guides_only_inside_it_with_one_pass_outside():
     calls = []
-
-    def net(x, t, context):
-        calls.append(len(x))
-        return context[:, :1, :1].reshape(-1, 1, 1, 1).expand_as(x).clone()
-
-    diffusion = GaussianDiffusion(cosine_beta_schedule(T))
-    cond, uncond = torch.full((3, 1, 1), 2.0), torch.full((1, 1, 1), 0.5)
+    net, diffusion, cond, uncond = context_echo(calls)
     eps_fn = classifier_free_guidance(net, diffusion, cond, uncond, scale=4.0, interval=(2.0, math.inf))
     for t, guided in ((999, True), (10, False)):
         ab = float(diffusion.alphas_cumprod[t])
