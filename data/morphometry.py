@@ -47,6 +47,7 @@ SCALE = 4  # upscaling factor for the sub-pixel measures
 THRESHOLD = 0.5  # binarisation level, relative to the upscaled image's range
 BOUND_FRAC = 0.02  # mass trimmed along each axis of the bounding parallelogram (half per side)
 _CHUNK = 250  # digits per task sent to a worker
+POOL_MIN_DIGITS = 4096  # smaller batches are measured in the calling process by default
 
 
 def measure_digit(image: np.ndarray) -> np.ndarray:
@@ -73,14 +74,17 @@ def measure_digit(image: np.ndarray) -> np.ndarray:
 def measure_digits(images: np.ndarray, workers: int | None = None, progress: bool = False) -> np.ndarray:
     """Measures uint8 [N, 28, 28] digits: float32 [N, len(MEASURES)], rows as ``measure_digit``.
 
-    ``workers`` processes (default ``os.cpu_count()``) each take chunks of digits; 1 measures in
-    this process. Workers are forked where the platform can: no start-up cost, and unlike
-    spawn it works from any caller (a script without a ``__main__`` guard, a heredoc, a
-    notebook) instead of hanging the pool. The usual hazard of forking a threaded parent (e.g.
-    torch's OpenMP pool) does not reach the workers: they run only NumPy/SciPy/scikit-image.
+    ``workers`` processes each take chunks of digits; 1 measures in this process. By default
+    (None) batches under POOL_MIN_DIGITS are measured here (an evaluation's 500 digits take half
+    a second) and larger ones on every core. Workers come from a fork server, a fresh
+    single-threaded process that forks them, never by forking the caller: a caller with threads
+    (training's, torch's OpenMP pool) may hold a lock at the moment of the fork, and the forked
+    worker then waits on it for ever (it did, in an evaluation during training). Like spawn, this
+    re-imports the caller's ``__main__`` in the workers, so scripts need a ``__main__`` guard.
     """
     _check_images(images, ndim=3)
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers is None:
+        workers = 1 if len(images) < POOL_MIN_DIGITS else (os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     # About four chunks per worker, so that a small batch is spread too; at most _CHUNK digits.
@@ -92,8 +96,8 @@ def measure_digits(images: np.ndarray, workers: int | None = None, progress: boo
             results = map(_measure_chunk, chunks)
             _collect(results, out, bar)
         else:
-            fork = "fork" in multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if fork else "spawn")
+            server = "forkserver" in multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("forkserver" if server else "spawn")
             with context.Pool(min(workers, len(chunks))) as pool:
                 _collect(pool.imap(_measure_chunk, chunks), out, bar)
     return out

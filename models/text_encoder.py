@@ -8,7 +8,10 @@ Only the text tower is ever built. Weights come from one of:
   dropped) or a text-tower-only state dict, read with ``torch.load(weights_only=True)``
   (or safetensors by suffix). 77-row positional embeddings are sliced to the first 8 rows:
   the attention is causal, so the first 8 positions behave exactly as in the 77-token model.
-- ``"random"``: seeded initialisation, bitwise reproducible across processes on CPU.
+- ``"random"``: seeded initialisation, bitwise reproducible across processes on CPU. Its values come
+  from open_clip's initialisation code and torch's random streams, so they can change with either
+  version: ``pyproject.toml`` pins both, the record names the versions that built it, and a mismatch
+  says which differ.
 - ``"auto"`` (default): ``openai`` when the weights can be had within seconds, otherwise a
   loud warning and ``random``.
 
@@ -119,6 +122,7 @@ class TextEncoder(torch.nn.Module):
             "quick_gelu": self.quick_gelu,
             "context_length": CONTEXT_LENGTH,
             "fingerprint": list(self._fingerprint),
+            "built_with": built_with(),
         }
 
     def _compute_fingerprint(self) -> list[float]:
@@ -191,9 +195,34 @@ def check_compatible(saved_record: dict, encoder_record: dict) -> None:
     same_kind = saved_record.get("weights") == encoder_record.get("weights")
     if same_kind and _fingerprints_match(saved_record.get("fingerprint", []), encoder_record.get("fingerprint", [])):
         return
+    same_seed = saved_record.get("source") == encoder_record.get("source")
+    if same_kind and same_seed and saved_record.get("weights") == "random":
+        raise UserError(_rebuilt_differently(saved_record))
     raise UserError(
         f"checkpoint was trained with text encoder {_describe(saved_record)} but "
         f"{_describe(encoder_record)} is loaded now; rerun with {_flag_hint(saved_record)}"
+    )
+
+
+def built_with() -> dict[str, str]:
+    """The library versions that decide a seeded random tower's values."""
+    return {"torch": torch.__version__.split("+")[0], "open_clip": open_clip.__version__}
+
+
+def _rebuilt_differently(saved_record: dict) -> str:
+    """Why the same seed gave another random text encoder here, in one line."""
+    saved, here = saved_record.get("built_with"), built_with()
+    now = " and ".join(f"{name} {version}" for name, version in here.items())
+    if saved is None:
+        cause = f"its record does not say which torch and open_clip built it; this is {now}"
+    elif saved != here:
+        then = " and ".join(f"{name} {version}" for name, version in saved.items())
+        cause = f"it was built with {then}, this is {now}"
+    else:
+        cause = f"with the same {now}, so the machine's arithmetic differs"
+    return (
+        f"the seeded random text encoder ({saved_record.get('source')}) comes out differently here than when "
+        f"the checkpoint was trained ({cause}); install the versions pyproject.toml pins (pip install -e .)"
     )
 
 

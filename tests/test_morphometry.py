@@ -5,6 +5,8 @@ spread of MNIST's test set, and scikit-image's own pyramid_expand."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from skimage import transform
 
 from data.mnist import load_mnist
 from data.morphometry import MEASURE_VERSION, MEASURES, _upscale, measure_digit, measure_digits
+from tests.helpers import ROOT
 
 COLUMN = {name: i for i, name in enumerate(MEASURES)}
 TOP, BOTTOM = 4, 24  # the bars' rows: 20 pixels tall
@@ -162,3 +165,32 @@ def test_workers_agree(mnist):
     np.testing.assert_array_equal(measure_digits(images, workers=2, progress=True), serial)
     np.testing.assert_allclose(serial[5], measure_digit(images[5]), rtol=1e-6)
     assert measure_digits(images[:0]).shape == (0, len(MEASURES))
+
+
+def test_small_batches_are_measured_in_process(mnist, monkeypatch):
+    """An evaluation's few hundred digits start no worker processes at all."""
+    import multiprocessing
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a pool was started")
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+    assert measure_digits(mnist.test_images[:500]).shape == (500, len(MEASURES))
+
+
+def test_workers_come_from_a_fork_server_even_for_a_threaded_caller_without_a_script(tmp_path):
+    """A caller whose other thread holds a lock through the whole measurement, and that has no script
+    file (python -c, a heredoc, a notebook): a forked worker could inherit the held lock; the fork
+    server's workers do not, and finish."""
+    code = (
+        "import threading, numpy as np\n"
+        "from data.morphometry import measure_digits\n"
+        "held, done = threading.Lock(), threading.Event()\n"
+        "threading.Thread(target=lambda: (held.acquire(), done.wait()), daemon=True).start()\n"
+        "images = np.zeros((64, 28, 28), np.uint8); images[:, 8:20, 12:16] = 255\n"
+        "rows = measure_digits(images, workers=2)\n"
+        "done.set(); print(rows.shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"(64, {len(MEASURES)})"

@@ -201,6 +201,21 @@ def test_check_compatible(random_encoder, file_encoder):
     check_compatible(noisy, file_record)
 
 
+def test_a_random_encoder_built_differently_says_which_versions(random_encoder):
+    """Same seed, other output: the one line names the torch and open_clip versions on both sides."""
+    record = random_encoder.record
+    assert record["built_with"] == {"torch": torch.__version__.split("+")[0], "open_clip": open_clip.__version__}
+    moved = [x + 0.5 for x in record["fingerprint"]]
+    older = dict(record, fingerprint=moved, built_with={"torch": "2.4.0", "open_clip": "3.0.0"})
+    with pytest.raises(UserError, match=r"built with torch 2\.4\.0 and open_clip 3\.0\.0, this is torch .*pyproject"):
+        check_compatible(older, record)
+    unrecorded = {k: v for k, v in older.items() if k != "built_with"}
+    with pytest.raises(UserError, match="does not say which torch and open_clip built it"):
+        check_compatible(unrecorded, record)
+    with pytest.raises(UserError, match="machine's arithmetic differs"):
+        check_compatible(dict(record, fingerprint=moved), record)
+
+
 def test_truncation_detection(random_encoder):
     assert random_encoder.count_tokens("7") == 3
     assert not random_encoder.is_truncated("a handwritten digit three")
