@@ -200,6 +200,7 @@ def test_a_full_disk_for_the_evaluation_json_keeps_the_checkpoint(mount):
     (folder / "filler").write_bytes(b"\0" * (shutil.disk_usage(folder).free - 100))
     before = files_of(folder)
     args = ["--checkpoint", str(folder / "checkpoint_epoch_0001.pt"), "--num_samples", "1", "--steps", "1"]
+    args += ["--style_samples", "1"]  # the style picture is still due, after the JSON
     status, stderr = run_in_process("evaluate.py", args, {}, folder.parent)
     line = one_error_line(stderr)
     assert status == EXIT_RESUMABLE and "no space left writing" in line and "_eval_" in line and ".json" in line
