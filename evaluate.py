@@ -38,7 +38,7 @@ from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
 from text2digit import Request, Text2Digit, add_guidance_interval_flag
-from training.checkpoints import latest_checkpoint
+from training.checkpoints import latest_checkpoint, no_checkpoint_error
 from training.config import DEFAULT_OUTPUT_DIR
 
 PICTURE_COLUMNS = 8
@@ -197,10 +197,7 @@ def main() -> None:
     args.bf16 = use_bf16(args.precision, device)
     path = args.checkpoint or latest_checkpoint(args.output_dir)
     if path is None:
-        raise UserError(
-            f"no checkpoint in {args.output_dir / 'checkpoints'}; train first (python train.py) "
-            "or pass --checkpoint PATH"
-        )
+        raise no_checkpoint_error(args.output_dir)
     with writable_folder(path.parent, "the results go beside --checkpoint, but"):
         evaluate(args, path, device, start)
 

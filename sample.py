@@ -29,7 +29,7 @@ from runtime.errors import UserError, run_cli
 from runtime.files import writable_folder
 from runtime.flags import CliParser
 from text2digit import InvalidRequest, Request, Text2Digit, add_guidance_interval_flag, make_options
-from training.checkpoints import latest_checkpoint
+from training.checkpoints import latest_checkpoint, no_checkpoint_error
 from training.config import DEFAULT_OUTPUT_DIR
 
 ROOT = Path(__file__).resolve().parent
@@ -155,13 +155,11 @@ def shipped_model(args) -> Path:
     """The model that ships with the repository, when no folder was named and the default one holds no
     checkpoint yet (said in one line). A folder named by --output_dir must hold one: a typo there should
     not quietly sample someone else's model."""
-    output_dir = args.output_dir
     if not (args.shipped_fallback and SHIPPED.is_file()):
-        raise UserError(
-            f"no checkpoint in {output_dir / 'checkpoints'}; train first (python train.py) or pass --checkpoint PATH"
-        )
+        raise no_checkpoint_error(args.output_dir)
     print(
-        f"no checkpoint in {output_dir / 'checkpoints'}: sampling from the shipped model {SHIPPED.relative_to(ROOT)} "
+        f"no checkpoint in {args.output_dir / 'checkpoints'}: sampling from the shipped model "
+        f"{SHIPPED.relative_to(ROOT)} "
         f"({shipped_record()['command']}; see its .json)",
         file=sys.stderr,
     )

@@ -212,18 +212,21 @@ def built_with() -> dict[str, str]:
 def _rebuilt_differently(saved_record: dict) -> str:
     """Why the same seed gave another random text encoder here, in one line."""
     saved, here = saved_record.get("built_with"), built_with()
-    now = " and ".join(f"{name} {version}" for name, version in here.items())
+    now = _versions(here)
     if saved is None:
         cause = f"its record does not say which torch and open_clip built it; this is {now}"
     elif saved != here:
-        then = " and ".join(f"{name} {version}" for name, version in saved.items())
-        cause = f"it was built with {then}, this is {now}"
+        cause = f"it was built with {_versions(saved)}, this is {now}"
     else:
         cause = f"with the same {now}, so the machine's arithmetic differs"
     return (
         f"the seeded random text encoder ({saved_record.get('source')}) comes out differently here than when "
         f"the checkpoint was trained ({cause}); install the versions pyproject.toml pins (pip install -e .)"
     )
+
+
+def _versions(libraries: dict[str, str]) -> str:
+    return " and ".join(f"{name} {version}" for name, version in libraries.items())
 
 
 def _fingerprints_match(saved: list[float], current: list[float]) -> bool:

@@ -178,19 +178,21 @@ def test_small_batches_are_measured_in_process(mnist, monkeypatch):
     assert measure_digits(mnist.test_images[:500]).shape == (500, len(MEASURES))
 
 
-def test_workers_come_from_a_fork_server_even_for_a_threaded_caller_without_a_script(tmp_path):
-    """A caller whose other thread holds a lock through the whole measurement, and that has no script
-    file (python -c, a heredoc, a notebook): a forked worker could inherit the held lock; the fork
-    server's workers do not, and finish."""
+def test_workers_are_not_forked_from_the_caller_even_without_a_script():
+    """A forked worker shares the caller's memory, locks held by its other threads included (how an
+    evaluation during training hung). Here the caller, a ``python -c`` without a script file, replaces
+    the chunk function in its own memory: a worker forked from it would run the replacement and return
+    NaN rows; a fork server's worker imports the module afresh and measures."""
     code = (
-        "import threading, numpy as np\n"
-        "from data.morphometry import measure_digits\n"
-        "held, done = threading.Lock(), threading.Event()\n"
-        "threading.Thread(target=lambda: (held.acquire(), done.wait()), daemon=True).start()\n"
+        "import numpy as np\n"
+        "import data.morphometry as m\n"
+        "def poisoned(chunk): return np.full((len(chunk), len(m.MEASURES)), np.nan, np.float32)\n"
+        "poisoned.__qualname__ = poisoned.__name__ = '_measure_chunk'; poisoned.__module__ = m.__name__\n"
+        "m._measure_chunk = poisoned\n"
         "images = np.zeros((64, 28, 28), np.uint8); images[:, 8:20, 12:16] = 255\n"
-        "rows = measure_digits(images, workers=2)\n"
-        "done.set(); print(rows.shape)\n"
+        "rows = m.measure_digits(images, workers=2)\n"
+        "print(rows.shape, int(np.isnan(rows).any(axis=1).sum()))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == f"(64, {len(MEASURES)})"
+    assert result.stdout.strip() == f"(64, {len(MEASURES)}) 0"

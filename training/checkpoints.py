@@ -136,6 +136,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+def no_checkpoint_error(output_dir: str | Path) -> UserError:
+    """What sample.py and evaluate.py say when ``output_dir`` holds no checkpoint to read."""
+    checkpoints = Path(output_dir) / "checkpoints"
+    return UserError(f"no checkpoint in {checkpoints}; train first (python train.py) or pass --checkpoint PATH")
+
+
 def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     """The checkpoint ``--resume`` names: None (start fresh), "latest", "auto" (latest if any) or a path."""
     if resume is None:
