@@ -30,16 +30,15 @@ from ddpm import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions
 from evaluation.judge import JUDGE_PATH, judge_record
 from evaluation.reference import RealReference
 from evaluation.report import plot_sweep, result_tables, sweep_table
-from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables
+from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables, summary
 from evaluation.suite import judge_and_reference, score
+from models.checkpoint import DEFAULT_OUTPUT_DIR, latest_checkpoint, no_checkpoint_error
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
 from text2digit import Request, Text2Digit, add_guidance_interval_flag
-from training.checkpoints import latest_checkpoint, no_checkpoint_error
-from training.config import DEFAULT_OUTPUT_DIR
 
 PICTURE_COLUMNS = 8
 
@@ -146,13 +145,13 @@ def build_report(
         },
         "results": results,
         "wall_seconds": seconds,
-        "train_config": model.config.to_flat(),
+        "train_config": model.saved.config,
     }
 
 
 def style_reference(args, model: TrainedModel) -> StyleReference | None:
     """Real MNIST's measures for the style prompts, for a model trained on style captions (else None)."""
-    if model.config.captions != "styles" or not args.style_samples:
+    if model.saved.vocabulary.name != "styles" or not args.style_samples:
         return None
     return StyleReference.from_mnist(load_mnist(args.data_dir), mnist_cache_dir())
 
@@ -182,6 +181,7 @@ def evaluate_scale(pipe: Text2Digit, scale: float, plan, references, args) -> tu
     if styles is not None:
         sample = style_sampler(pipe, options, args)
         result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
+        result["styles"]["summary"] = summary(result["styles"])  # what models/pretrained.py records
         picture = style_picture(sample)
     result["seconds"] = time.perf_counter() - t0
     print(result_tables(result), flush=True)

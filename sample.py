@@ -22,15 +22,13 @@ from data import EMPTY_PROMPT
 from data.images import save_grid, save_images
 from data.trajectory import TrajectoryRecorder
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS
+from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, latest_checkpoint, no_checkpoint_error, shipped_record
 from models.loading import load_trained_model
-from models.pretrained import SHIPPED, shipped_record
 from runtime.devices import PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import writable_folder
 from runtime.flags import CliParser
 from text2digit import InvalidRequest, Request, Text2Digit, add_guidance_interval_flag, make_options
-from training.checkpoints import latest_checkpoint, no_checkpoint_error
-from training.config import DEFAULT_OUTPUT_DIR
 
 ROOT = Path(__file__).resolve().parent
 

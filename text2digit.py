@@ -26,8 +26,8 @@ from data.captions import EMPTY_PROMPT
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, SamplingOptions, generate
+from models.checkpoint import SHIPPED
 from models.loading import TrainedModel, load_trained_model
-from models.pretrained import SHIPPED
 from models.text_encoder import CONTEXT_LENGTH, truncated_prompt
 from runtime.devices import pick_device, use_bf16
 from runtime.errors import UserError

@@ -17,9 +17,10 @@ import sys
 
 import torch
 
+from models.checkpoint import load_checkpoint
 from models.text_encoder import check_compatible
 from runtime.errors import StorageError, run_cli
-from training.checkpoints import find_resume_checkpoint, load_checkpoint
+from training.checkpoints import find_resume_checkpoint
 from training.config import Launch, TrainConfig, parse_train_args
 from training.data import load_training_data
 from training.distributed import Processes, setup_distributed, world_size_from_env

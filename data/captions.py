@@ -149,6 +149,13 @@ class CaptionSet:
     def row_of(self, prompt: str) -> int:
         return self.prompts.index(prompt)
 
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of the sha256 of what defines the vocabulary (its prompts, the held-out pairs and
+        the held-out templates): checkpoints record it, so a changed vocabulary of the same name is noticed."""
+        definition = [self.prompts, sorted(HELD_OUT_PAIRS), list(HELDOUT_TEMPLATES)]
+        return hashlib.sha256(json.dumps(definition).encode()).hexdigest()[:16]
+
     def draw(self, classes: torch.Tensor, generator: torch.Generator, table: CaptionTensors) -> torch.Tensor:
         """A caption row for each image of ``classes`` ([B] on the training device): uniformly one subset
         of its unusual attributes, then uniformly one of that subset's wordings."""

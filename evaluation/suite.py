@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,15 +20,10 @@ from data import load_mnist, mnist_cache_dir
 from data.captions import TRAIN_TEMPLATES, PromptPlan, plan_prompts
 from data.images import to_uint8
 from data.morphometry import cached_measures, measure_digits
-from data.shapes import IMAGE_SHAPE, NUM_DIGITS
-from ddpm import GaussianDiffusion, generate
+from data.shapes import NUM_DIGITS
 from evaluation.judge import Judge, judge_images, load_judge
 from evaluation.metrics import accuracy_by, conditional_accuracy
 from evaluation.reference import RealReference, real_reference, shape_medians
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
-    from training.data import TrainingData
 
 
 def group_scores(
@@ -82,24 +77,16 @@ def judge_and_reference(data_dir: str | None, device: torch.device) -> tuple[Jud
 
 
 def evaluate_during_training(
-    cfg: TrainConfig,
-    net: torch.nn.Module,
-    diffusion: GaussianDiffusion,
-    data: TrainingData,
-    use_bf16: bool,
+    sample: Callable[[list[str]], torch.Tensor], per_digit: int, data_dir: str | None, device: torch.device
 ) -> dict[str, float]:
-    """A small evaluation of the seen wordings (rows of train.py's prompt table), sampled as the
-    epoch's sample grid is, with a fixed seed so epochs are compared on the same noise. Returns
-    metrics.jsonl fields."""
+    """A small evaluation of the seen wordings: ``per_digit`` images of each digit, ``sample(prompts)``
+    giving one image in [-1, 1] per prompt (training samples them as the epoch's sample grid, with a
+    fixed seed so epochs are compared on the same noise); the judge and the real reference on
+    ``device``, MNIST from ``data_dir``. Returns metrics.jsonl fields."""
     start = time.perf_counter()
-    table = data.prompt_table
-    judge, reference = judge_and_reference(cfg.data_dir, table.device)
-    plan = plan_prompts(cfg.eval_samples, {"seen": TRAIN_TEMPLATES})
-    cond = table[torch.tensor([data.captions.row_of(p) for p in plan.prompts], device=table.device)]
-    images = generate(
-        net, diffusion, cond, table[:1], cfg.sampling_options(), image_shape=IMAGE_SHAPE, seed=cfg.seed, bf16=use_bf16
-    )
-    seen = score(to_uint8(images), plan, judge, reference)["sets"]["seen"]
+    judge, reference = judge_and_reference(data_dir, device)
+    plan = plan_prompts(per_digit, {"seen": TRAIN_TEMPLATES})
+    seen = score(to_uint8(sample(plan.prompts)), plan, judge, reference)["sets"]["seen"]
     return {
         "eval_accuracy": seen["accuracy"],
         "eval_fmd": seen["fmd"],

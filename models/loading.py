@@ -10,12 +10,10 @@ from typing import Any
 import torch
 
 from ddpm import GaussianDiffusion
+from models.checkpoint import SavedModel, load_checkpoint
 from models.text_encoder import TextEncoder, build_text_encoder, check_compatible
 from models.unet import UNet
 from runtime.errors import UserError
-from training.checkpoints import load_checkpoint
-from training.config import TrainConfig
-from training.state import SavedModel
 
 
 def encoder_weights_flag(record: Mapping[str, Any]) -> tuple[str, int]:
@@ -23,7 +21,7 @@ def encoder_weights_flag(record: Mapping[str, Any]) -> tuple[str, int]:
     if record["weights"] == "file":
         return record["source"], 0
     if record["weights"] == "random":
-        return "random", int(str(record["source"]).removeprefix("seed="))
+        return "random", record["seed"]
     return record["weights"], 0
 
 
@@ -32,22 +30,27 @@ class TrainedModel:
     net: UNet  # the EMA weights, in eval mode
     diffusion: GaussianDiffusion
     encoder: TextEncoder
-    config: TrainConfig
+    saved: SavedModel  # what the checkpoint says of the model
     path: Path
-    epoch: int
+
+    @property
+    def epoch(self) -> int:
+        return self.saved.epoch
 
 
 def load_trained_model(path: Path, device: torch.device, text_encoder: str | None = None) -> TrainedModel:
     """Load a checkpoint's EMA UNet and the text encoder it was trained with.
 
     ``text_encoder`` overrides the recorded weights (e.g. a local file that moved); either way
-    the encoder loaded must match the recorded fingerprint, or UserError is raised.
+    the encoder loaded must match the recorded fingerprint, and this code's caption vocabulary of
+    the recorded name must be the one it was trained on, or UserError is raised.
     """
     saved = SavedModel.from_payload(load_checkpoint(path, map_location=device))
+    saved.vocabulary.check_current(Path(path))
     weights, seed = encoder_weights_flag(saved.text_encoder)
     encoder = build_text_encoder(text_encoder or weights, seed=seed, device=device)
     check_compatible(saved.text_encoder, encoder.record)
-    net = UNet(saved.config.model).to(device)
+    net = UNet(saved.unet).to(device)
     try:
         net.load_state_dict(saved.ema_weights)
     except RuntimeError:  # shapes or names differ from what this code builds for that config
@@ -57,9 +60,8 @@ def load_trained_model(path: Path, device: torch.device, text_encoder: str | Non
         ) from None
     return TrainedModel(
         net.eval().requires_grad_(False),
-        GaussianDiffusion.from_config(saved.config.diffusion),
+        GaussianDiffusion.from_config(saved.diffusion),
         encoder,
-        saved.config,
+        saved,
         Path(path),
-        saved.epoch,
     )

@@ -1,8 +1,9 @@
 """The model that ships with the repository, so that a fresh clone samples at once.
 
 ``models/pretrained/cpu.pt`` holds the EMA weights of the README's quick-start model (configs/cpu.yaml)
-in float16, with the config and the text-encoder record a checkpoint has; ``cpu.json`` beside it says
-how it was made: the command, the commit, the config, its sha256 and what evaluate.py scored.
+in float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
+writer); ``cpu.json`` beside it says how it was made: the command, the commit, the config, its sha256
+and what evaluate.py scored.
 
     python -m models.pretrained --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt \\
         --evaluation outputs/cpu/checkpoints/checkpoint_epoch_0004_eval_..._seed0.json
@@ -22,34 +23,20 @@ from typing import Any
 
 import torch
 
+from models.checkpoint import SAMPLING_KEYS, SHIPPED, load_checkpoint, save_checkpoint
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write
 from runtime.flags import CliParser
-from training.checkpoints import load_checkpoint
-from training.state import FORMAT_VERSION
 
-SHIPPED = Path(__file__).resolve().parent / "pretrained" / "cpu.pt"
 RECIPE = "python train.py --config configs/cpu.yaml"
 
 
-def shipped_record(path: Path = SHIPPED) -> dict[str, Any]:
-    """What ``cpu.json`` says about the shipped weights."""
-    return json.loads(path.with_suffix(".json").read_text())
-
-
 def ship(checkpoint: Path, evaluation: Path, out: Path = SHIPPED) -> dict[str, Any]:
-    """Write ``out`` (the EMA weights in float16, the config, the encoder record) and its record."""
+    """Write ``out`` (what sampling reads of ``checkpoint``, the EMA weights in float16) and its record."""
     payload = load_checkpoint(checkpoint)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in payload["ema"]["weights"].items()}
     ema = {"weights": weights, "updates": payload["ema"]["updates"]}
-    shipped = {
-        "format_version": FORMAT_VERSION,
-        "config": payload["config"],
-        "text_encoder": payload["text_encoder"],
-        "ema": ema,
-        "epoch": payload["epoch"],
-    }
-    atomic_write(out, lambda f: torch.save(shipped, f))
+    save_checkpoint({**{key: payload[key] for key in SAMPLING_KEYS}, "ema": ema}, out)
     scores = json.loads(evaluation.read_text())
     record = {
         "weights": out.name,
@@ -62,6 +49,7 @@ def ship(checkpoint: Path, evaluation: Path, out: Path = SHIPPED) -> dict[str, A
         "step": payload.get("step"),
         "config": payload["config"],
         "text_encoder": payload["text_encoder"],
+        "vocabulary": payload["vocabulary"],
         "versions": {"torch": torch.__version__},
         "evaluation": {key: scores[key] for key in ("sampler", "steps", "guidance_scales", "seed", "bf16", "device")},
         "scores": [_scores(result) for result in scores["results"]],
@@ -76,9 +64,7 @@ def _scores(result: dict) -> dict:
     scores.update({f"fmd_{name}": s["fmd"] for name, s in sets.items()})
     scores.update({f"fmd_floor_{name}": s["fmd_floor"] for name, s in sets.items()})
     if "styles" in result:
-        from evaluation.styles import summary
-
-        scores["styles"] = summary(result["styles"])
+        scores["styles"] = result["styles"]["summary"]  # evaluate.py's JSON carries it
     return {"guidance_scale": result["guidance_scale"], **scores}
 
 

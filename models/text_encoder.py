@@ -79,6 +79,7 @@ class TextEncoder(torch.nn.Module):
         self.quick_gelu = True if quick_gelu is None else quick_gelu
         self.tokenizer = tokenizer()
         self.tower, self.kind, self.source = _build_tower(weights, seed, self.quick_gelu)
+        self.seed = seed
         self.tower.requires_grad_(False)
         self.to(device)
         self.train(False)
@@ -123,6 +124,7 @@ class TextEncoder(torch.nn.Module):
             "context_length": CONTEXT_LENGTH,
             "fingerprint": list(self._fingerprint),
             "built_with": built_with(),
+            **({"seed": self.seed} if self.kind == "random" else {}),  # what rebuilds it
         }
 
     def _compute_fingerprint(self) -> list[float]:

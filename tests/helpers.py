@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from models.checkpoint import save_checkpoint
 from models.text_encoder import build_text_encoder
-from training.checkpoints import save_checkpoint
 from training.config import TrainConfig
 from training.state import TrainingState
 from training.stopping import STOP_SIGNALS

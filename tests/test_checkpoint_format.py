@@ -2,28 +2,35 @@
 sample and resume.
 
 tests/fixtures/checkpoint_v1 holds files written by commit a5c598a's train.py (format 1, before the
-format was versioned; its README gives the command). They are compared with what that commit
-produced from them, within the rounding that another CPU's kernels may add.
+format was versioned), tests/fixtures/checkpoint_v2 files written by commit a084e06's (format 2);
+their READMEs give the commands. They are compared with what those commits produced from them,
+within the rounding that another CPU's kernels may add.
 """
 
+import hashlib
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import data.captions
+from data.captions import HELDOUT_TEMPLATES, caption_set
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE
 from ddpm import SamplingOptions, generate, prompt_contexts
+from models.checkpoint import FORMAT_VERSION, SAMPLING_KEYS, load_checkpoint, save_checkpoint
 from models.loading import load_trained_model
 from runtime.errors import EXIT_USER_ERROR, UserError
 from tests.helpers import ROOT, run_in_process, tiny_flags, write_untrained_checkpoint
-from training.checkpoints import load_checkpoint, save_checkpoint
-from training.state import FORMAT_VERSION, RESUME_KEYS, SAMPLING_KEYS
+from training.config import TrainConfig
+from training.state import RESUME_KEYS, check_resumable
 
-V1 = ROOT / "tests" / "fixtures" / "checkpoint_v1"
-# The fixture's train.py command (tests/fixtures/checkpoint_v1/README.md), without --output_dir.
-V1_RUN = tiny_flags(
+FIXTURES = ROOT / "tests" / "fixtures"
+V1, V2 = FIXTURES / "checkpoint_v1", FIXTURES / "checkpoint_v2"
+# The fixtures' train.py command (their README.md), without --output_dir.
+RUN = tiny_flags(
     widths=[8, 16],
     head_dim=8,
     train_subset=64,
@@ -35,8 +42,12 @@ V1_RUN = tiny_flags(
     checkpoint_every_steps=3,
     device="cpu",
     precision="fp32",
-    captions="digits",  # what that commit trained with
 )
+RUNS = {V1: (*RUN, "--captions", "digits"), V2: RUN}  # a5c598a trained on the digit captions only
+# Resumed weights against those the fixture's machine (AVX512-BF16) reached: bitwise there; an AVX2
+# CPU's kernels round differently, measured at most 4.0e-6 on v1 (1 of 8 elements of a tensor, the
+# AVX2 machine) and 3.8e-6 under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 here; 5x that margin.
+RESUME_ATOL = 2e-5
 
 
 def test_a_fresh_checkpoint_holds_exactly_the_documented_keys(tmp_path):
@@ -44,15 +55,26 @@ def test_a_fresh_checkpoint_holds_exactly_the_documented_keys(tmp_path):
     assert payload["format_version"] == FORMAT_VERSION
     assert set(payload) == {"format_version", *SAMPLING_KEYS, *RESUME_KEYS}
     assert not set(SAMPLING_KEYS) & set(RESUME_KEYS)
+    assert payload["text_encoder"]["seed"] == 0 and payload["vocabulary"]["name"] == "styles"
 
 
 def test_a_newer_format_is_refused_in_one_line(tmp_path):
     path = write_untrained_checkpoint(tmp_path / "c.pt")
     payload = torch.load(path, weights_only=True)
-    save_checkpoint({**payload, "format_version": FORMAT_VERSION + 1}, path)
+    torch.save({**payload, "format_version": FORMAT_VERSION + 1}, path)  # as a newer writer would
     with pytest.raises(UserError, match=f"format version {FORMAT_VERSION + 1}, newer than this code's") as err:
         load_checkpoint(path)
     assert "\n" not in str(err.value)
+
+
+def test_the_vocabulary_fingerprint_is_sha256_of_its_definition(monkeypatch):
+    styles = caption_set("styles")
+    pairs = [list(pair) for pair in sorted(data.captions.HELD_OUT_PAIRS)]
+    definition = json.dumps([styles.prompts, pairs, list(HELDOUT_TEMPLATES)])
+    assert styles.fingerprint == hashlib.sha256(definition.encode()).hexdigest()[:16]
+    assert caption_set("digits").fingerprint != styles.fingerprint
+    monkeypatch.setattr(data.captions, "HELD_OUT_PAIRS", data.captions.HELD_OUT_PAIRS - {(4, "thick")})
+    assert styles.fingerprint != hashlib.sha256(definition.encode()).hexdigest()[:16]
 
 
 def test_version_1_loads_with_the_layout_it_was_trained_with():
@@ -61,40 +83,81 @@ def test_version_1_loads_with_the_layout_it_was_trained_with():
     raw = torch.load(V1 / "checkpoint_step_00000003.pt", weights_only=True)
     assert "format_version" not in raw and "groups" not in raw["config"]  # really the old format
     assert payload["config"]["groups"] == 8 and payload["config"]["widths"] == [8, 16]
+    assert payload["vocabulary"] == {"name": "digits", "fingerprint": caption_set("digits").fingerprint}
 
 
-def test_version_1_samples_what_it_sampled_then():
-    model = load_trained_model(V1 / "checkpoint_epoch_0002.pt", torch.device("cpu"))
+def test_version_2_loads_with_its_vocabulary_and_the_seed_as_a_number():
+    payload = load_checkpoint(V2 / "checkpoint_step_00000003.pt")
+    raw = torch.load(V2 / "checkpoint_step_00000003.pt", weights_only=True)
+    assert raw["format_version"] == 2 and "vocabulary" not in raw and "seed" not in raw["text_encoder"]
+    assert payload["format_version"] == FORMAT_VERSION and payload["step"] == 3
+    assert payload["vocabulary"] == {"name": "styles", "fingerprint": caption_set("styles").fingerprint}
+    assert payload["text_encoder"]["seed"] == 0 and payload["text_encoder"]["source"] == "seed=0"
+
+
+@pytest.mark.parametrize("fixture", [V1, V2], ids=["v1", "v2"])
+def test_an_old_checkpoint_samples_what_it_sampled_then(fixture):
+    model = load_trained_model(fixture / "checkpoint_epoch_0002.pt", torch.device("cpu"))
     cond, uncond = prompt_contexts(model.encoder.encode, ["7", "a handwritten two"], 2, "")
     images = to_uint8(
         generate(model.net, model.diffusion, cond, uncond, SamplingOptions(steps=5), image_shape=IMAGE_SHAPE, seed=0)
     )
-    then = np.load(V1 / "samples_7_two_steps5_seed0.npy")
+    then = np.load(fixture / "samples_7_two_steps5_seed0.npy")
     difference = np.abs(images.astype(int) - then.astype(int))
     assert difference.max() <= 2 and difference.mean() < 0.05
 
 
-def test_version_1_resumes_mid_epoch_to_the_weights_it_reached_then(tmp_path):
+@pytest.mark.parametrize("fixture", [V1, V2], ids=["v1", "v2"])
+def test_an_old_checkpoint_resumes_mid_epoch_to_the_weights_it_reached_then(tmp_path, fixture):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    shutil.copy(V1 / "checkpoint_step_00000003.pt", tmp_path / "run" / "checkpoints")
-    status, stderr = run_in_process(
-        "train.py", [*V1_RUN, "--output_dir", str(tmp_path / "run"), "--resume"], {}, tmp_path
-    )
+    shutil.copy(fixture / "checkpoint_step_00000003.pt", tmp_path / "run" / "checkpoints")
+    args = [*RUNS[fixture], "--output_dir", str(tmp_path / "run"), "--resume"]
+    status, stderr = run_in_process("train.py", args, {}, tmp_path)
     assert status == 0, stderr[-2000:]
     now = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_epoch_0002.pt", weights_only=True)
-    then = torch.load(V1 / "checkpoint_epoch_0002.pt", weights_only=True)
+    then = torch.load(fixture / "checkpoint_epoch_0002.pt", weights_only=True)
     assert now["format_version"] == FORMAT_VERSION and now["step"] == then["step"] == 8
     assert now["ema"]["updates"] == then["ema"]["updates"] == 8
     for part in ("model", "ema"):
         got, expected = (s["model"] if part == "model" else s["ema"]["weights"] for s in (now, then))
-        for key in expected:  # bitwise on the machine that wrote them; other CPUs round differently
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=RESUME_ATOL)
 
 
 def test_a_version_1_checkpoint_is_refused_by_the_wrong_run_in_one_line(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     shutil.copy(V1 / "checkpoint_step_00000003.pt", tmp_path / "run" / "checkpoints")
-    args = [*V1_RUN, "--seed", "1", "--output_dir", str(tmp_path / "run"), "--resume"]
+    args = [*RUNS[V1], "--seed", "1", "--output_dir", str(tmp_path / "run"), "--resume"]
     status, stderr = run_in_process("train.py", args, {}, tmp_path)
     assert status == EXIT_USER_ERROR
     assert "was written with seed=0 but this run has seed=1" in stderr and "Traceback" not in stderr
+
+
+def with_vocabulary(tmp_path, fingerprint: str):
+    """An untrained checkpoint that says it was trained on another 'styles' vocabulary."""
+    path = write_untrained_checkpoint(tmp_path / "c.pt")
+    payload = torch.load(path, weights_only=True)
+    save_checkpoint({**payload, "vocabulary": {"name": "styles", "fingerprint": fingerprint}}, path)
+    return path
+
+
+def test_resume_refuses_another_vocabulary_naming_both(tmp_path):
+    path = with_vocabulary(tmp_path, "0123456789abcdef")
+    cfg = TrainConfig.from_flat(load_checkpoint(path)["config"])
+    with pytest.raises(UserError) as err:
+        check_resumable(load_checkpoint(path), cfg, 1, path)
+    now = caption_set("styles").fingerprint
+    assert str(err.value) == (
+        f"{path} was trained on the caption vocabulary 'styles' (fingerprint 0123456789abcdef) but this run's is "
+        f"'styles' (fingerprint {now}); resume with the code that trained it, or start fresh"
+    )
+
+
+def test_sampling_refuses_a_checkpoint_whose_vocabulary_the_code_has_changed(tmp_path, monkeypatch):
+    path = write_untrained_checkpoint(tmp_path / "c.pt")
+    then = caption_set("styles").fingerprint
+    load_trained_model(path, torch.device("cpu"))  # the vocabulary it was trained on: loads
+    monkeypatch.setattr(data.captions, "HELD_OUT_PAIRS", data.captions.HELD_OUT_PAIRS - {(4, "thick")})
+    with pytest.raises(UserError, match=f"trained on the caption vocabulary 'styles' \\(fingerprint {then}\\)") as err:
+        load_trained_model(path, torch.device("cpu"))
+    assert "\n" not in str(err.value) and caption_set("styles").fingerprint in str(err.value)

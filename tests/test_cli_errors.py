@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from data.mnist import IDX_FILES, mnist_cache_dir
+from models.checkpoint import save_checkpoint
 from runtime.errors import EXIT_USER_ERROR
 from tests.helpers import ENV, ROOT, run_in_process, tiny_flags
-from training.checkpoints import save_checkpoint
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 # configs/tiny.yaml shrunk to two steps of 16 images, with a checkpoint after each (so one is mid-epoch).

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import runtime.files
+from models.checkpoint import list_checkpoints, verify_checksums
 from runtime.errors import EXIT_RESUMABLE, EXIT_USER_ERROR
 from tests.helpers import (
     MICRO,
@@ -29,7 +30,6 @@ from tests.helpers import (
     wait_for,
     write_untrained_checkpoint,
 )
-from training.checkpoints import list_checkpoints, verify_checksums
 from training.run_folder import LOCK_NAME
 
 

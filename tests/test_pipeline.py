@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from evaluation.judge import judge_images, load_judge
-from models.pretrained import SHIPPED, shipped_record
+from models.checkpoint import SHIPPED, shipped_record
 from tests.helpers import PROCESS_ENV, ROOT, TINY_CONFIG, state_bytes
 from text2digit import EmptyPrompt, InvalidRequest, OutOfRange, PromptTooLong, Request, Text2Digit, make_options
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.checkpoint import latest_checkpoint, list_checkpoints, step_checkpoint_path
 from runtime.errors import EXIT_RESUMABLE, EXIT_USER_ERROR
 from tests.helpers import MICRO, ROOT, TOTAL_STEPS, finish, run_in_process, start_training, state_bytes, wait_for
-from training.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints, step_checkpoint_path
+from training.checkpoints import prune_checkpoints
 from training.stopping import NonFiniteGuard
 
 

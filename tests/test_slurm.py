@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from data import load_mnist
-from training.checkpoints import latest_checkpoint, load_checkpoint
+from models.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow  # real processes (see pyproject.toml's markers)
 

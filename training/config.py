@@ -22,6 +22,7 @@ import yaml
 from data.captions import CAPTION_SETS
 from data.shapes import IMAGE_SIZE
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, DiffusionConfig, SamplingOptions
+from models.checkpoint import DEFAULT_OUTPUT_DIR
 from models.unet import UNetConfig
 from runtime.devices import COMPILE_CHOICES, PRECISIONS
 from runtime.errors import UserError
@@ -29,7 +30,6 @@ from runtime.flags import CliParser, parse_bool, require_positive, suggest
 from training.optimizer import LR_SCHEDULES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml"
-DEFAULT_OUTPUT_DIR = Path("outputs/mnist")  # train.py's, and where sample.py and evaluate.py look
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig}
 # The range checks of validate(), by key.
 POSITIVE_KEYS = """num_epochs batch_size num_train_timesteps log_every checkpoint_every sample_every samples_per_digit

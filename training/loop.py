@@ -17,9 +17,10 @@ from data.images import save_grid, to_uint8
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS
 from ddpm import GaussianDiffusion, generate
 from evaluation.suite import evaluate_during_training
+from models.checkpoint import checkpoint_path, save_checkpoint, step_checkpoint_path
 from runtime import devices
 from runtime.errors import EXIT_RESUMABLE
-from training.checkpoints import checkpoint_path, prune_checkpoints, save_checkpoint, step_checkpoint_path
+from training.checkpoints import prune_checkpoints
 from training.config import TrainConfig
 from training.data import TrainingData
 from training.distributed import Processes, epoch_batches, ranks_in_sync
@@ -222,28 +223,33 @@ class Trainer:
         if epoch % cfg.sample_every == 0 or epoch == cfg.num_epochs:
             self.write_samples(self.run.sample_grid(epoch))
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.num_epochs):
-            scores = evaluate_during_training(cfg, state.ema.shadow, self.diffusion, self.data, self.bf16)
+            scores = evaluate_during_training(self.sample, cfg.eval_samples, cfg.data_dir, self.procs.device)
             self.run.log({"epoch": epoch, "step": state.step, **scores})
             print(
                 f"epoch {epoch}: judge accuracy {scores['eval_accuracy']:.3f}, FMD {scores['eval_fmd']:.2f} "
                 f"(floor {scores['eval_fmd_floor']:.2f}), {scores['eval_seconds']:.1f} s"
             )
 
-    def write_samples(self, path: Path) -> None:
-        """A grid with one row per digit, prompted by the digit itself, sampled from the EMA weights."""
-        n, data = self.cfg.samples_per_digit, self.data
-        rows = [data.captions.row_of(canonical_prompt(d)) for d in range(NUM_DIGITS)]
-        digit_rows = torch.tensor(rows, device=data.labels.device).repeat_interleave(n)
-        images = generate(
+    def sample(self, prompts: list[str]) -> torch.Tensor:
+        """One image in [-1, 1] per prompt (each a caption of the prompt table), sampled from the EMA weights
+        with the config's sampling options and seed: [len(prompts), 1, 28, 28]."""
+        table = self.data.prompt_table
+        rows = torch.tensor([self.data.captions.row_of(p) for p in prompts], device=table.device)
+        return generate(
             self.state.ema.shadow,
             self.diffusion,
-            data.prompt_table[digit_rows],
-            data.prompt_table[:1],
+            table[rows],
+            table[:1],
             self.cfg.sampling_options(),
             image_shape=IMAGE_SHAPE,
             seed=self.cfg.seed,
             bf16=self.bf16,
         )
+
+    def write_samples(self, path: Path) -> None:
+        """A grid with one row per digit, prompted by the digit itself, sampled from the EMA weights."""
+        n = self.cfg.samples_per_digit
+        images = self.sample([canonical_prompt(d) for d in range(NUM_DIGITS) for _ in range(n)])
         grid = to_uint8(images).reshape(NUM_DIGITS, n, *IMAGE_SHAPE[1:])
         save_grid(list(grid), [f'"{canonical_prompt(d)}"' for d in range(NUM_DIGITS)], path)
         print(f"wrote {path}")

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
 
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -30,11 +26,16 @@ def lr_factor(warmup_steps: int, schedule: str, total_steps: int) -> Callable[[i
 
 
 def build_optimizer(
-    cfg: TrainConfig, net: torch.nn.Module, total_steps: int
+    net: torch.nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    warmup_steps: int,
+    schedule: str,
+    total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over ``net``'s parameters, and the schedule of ``total_steps`` steps."""
+    """AdamW over ``net``'s parameters, and the learning-rate ``schedule`` (LR_SCHEDULES) of ``total_steps``
+    steps after ``warmup_steps`` of warm-up."""
     optimizer = torch.optim.AdamW(
-        net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True
+        net.parameters(), lr=learning_rate, weight_decay=weight_decay, fused=True
     )  # one kernel for all tensors: on the CPU too (4x the for-loop's speed)
-    schedule = lr_factor(cfg.warmup_steps, cfg.lr_schedule, total_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(warmup_steps, schedule, total_steps))

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from models.checkpoint import checkpoint_dir, list_checkpoints
 from runtime.errors import UserError
 from runtime.files import append_line, atomic_write, prove_writable, remove_created
-from training.checkpoints import checkpoint_dir, list_checkpoints
 
 LOCK_NAME = ".train.lock"
 RUN_FILES = ("checkpoints", "samples", "metrics.jsonl")  # what --overwrite moves aside, together

@@ -1,43 +1,30 @@
-"""What a checkpoint holds, in one place: the training state, its format version, and the part
-sampling reads.
+"""The training state a checkpoint holds, and whether a run may continue one (the format itself, its
+versions and the part sampling reads live in models/checkpoint.py).
 
 Besides model, EMA, optimizer and LR schedule, a checkpoint records where the data order stood
 (the epoch and the batches done in it; the order itself is recomputed from (seed, epoch)), every
 random state of every rank, the running loss sums of the epoch and the skipped steps. A run resumed
 from it takes bitwise the same steps as a run that never stopped. ``TrainingState.state_dict``
-writes every key and ``load_state_dict`` reads them back; ``SavedModel`` is the part that sampling
-needs; ``upgrade`` reads every earlier format.
+writes every key and ``load_state_dict`` reads them back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.checkpoint import Vocabulary, vocabulary_record
 from models.ema import EMA
 from models.unet import UNet
 from runtime.errors import UserError
-from training.config import TrainConfig, flat_fields, section_keys
+from training.config import TrainConfig, section_keys
 from training.optimizer import build_optimizer
 from training.rng import gather_rng, restore_rng
 from training.stopping import NonFiniteGuard
 
-# 1: a5c598a and before (no version key); 2: adds format_version and the "groups" and "captions"
-# keys.
-FORMAT_VERSION = 2
-# What a saved config meant by the keys it lacks: the UNet layout and captions of the time before each key.
-LEGACY_DEFAULTS = {
-    "ff_mult": 4,
-    "extra_up_block": True,
-    "patch_size": 1,
-    "groups": 8,
-    "captions": "digits",
-}
-SAMPLING_KEYS = ("config", "ema", "text_encoder", "epoch")
 RESUME_KEYS = (
     "model",
     "optimizer",
@@ -53,48 +40,6 @@ RESUME_KEYS = (
 )
 # Config keys that fix the data order within an epoch: they must match to resume mid-epoch.
 DATA_ORDER_KEYS = ("seed", "train_subset", "batch_size")
-
-
-def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A loaded checkpoint in the current format, whichever format it was written in."""
-    version = payload.get("format_version", 1)
-    if version > FORMAT_VERSION:
-        raise UserError(
-            f"checkpoint {path} has format version {version}, newer than this code's {FORMAT_VERSION}; "
-            "update the code (git pull) to read it"
-        )
-    if not set(SAMPLING_KEYS) <= payload.keys():
-        raise UserError(f"{path} is not a checkpoint written by train.py (missing config/ema/text_encoder)")
-    # Keys a config lacks mean what they meant before they existed, in any version.
-    return {**payload, "config": {**LEGACY_DEFAULTS, **payload["config"]}, "format_version": FORMAT_VERSION}
-
-
-def position(payload: Mapping[str, Any]) -> tuple[int, int, int, int]:
-    """(step, epoch, batches done in that epoch, steps per epoch) that a checkpoint holds."""
-    step, epoch, epoch_step, steps_per_epoch = (
-        int(payload[key]) for key in ("step", "epoch", "epoch_step", "steps_per_epoch")
-    )
-    return step, epoch, epoch_step, steps_per_epoch
-
-
-def saved_config(payload: Mapping[str, Any]) -> TrainConfig:
-    """The config a checkpoint was trained with (keys this code no longer knows are dropped)."""
-    known = flat_fields()
-    return TrainConfig.from_flat({k: v for k, v in payload["config"].items() if k in known})
-
-
-@dataclass
-class SavedModel:
-    """What sampling reads from a checkpoint: the config, the EMA weights and the text encoder's record."""
-
-    config: TrainConfig
-    ema_weights: dict[str, torch.Tensor]
-    text_encoder: dict[str, Any]
-    epoch: int
-
-    @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> SavedModel:
-        return cls(saved_config(payload), payload["ema"]["weights"], payload["text_encoder"], payload["epoch"])
 
 
 class LossMeter:
@@ -142,7 +87,14 @@ class TrainingState:
         torch.manual_seed(cfg.seed)  # the initial weights
         self.net = UNet(cfg.model).to(device, memory_format=memory_format(cfg))
         self.ema = EMA(self.net, cfg.ema_decay) if rank == 0 else None
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.net, cfg.num_epochs * steps_per_epoch)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.net,
+            cfg.learning_rate,
+            cfg.weight_decay,
+            cfg.warmup_steps,
+            cfg.lr_schedule,
+            total_steps=cfg.num_epochs * steps_per_epoch,
+        )
         self.generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
         self.guard = NonFiniteGuard(cfg.max_bad_steps, device)
         self.losses = LossMeter(device)
@@ -159,16 +111,16 @@ class TrainingState:
         return self.epoch_step == self.steps_per_epoch
 
     def state_dict(self) -> dict[str, Any] | None:
-        """The checkpoint's contents on rank 0, None on the others. A collective: every rank calls it
-        (the random states of all ranks are gathered)."""
+        """The checkpoint's contents on rank 0 (what ``models.checkpoint.save_checkpoint`` writes), None on
+        the others. A collective: every rank calls it (the random states of all ranks are gathered)."""
         rng = gather_rng(self.generator, self.world_size)
         if self.rank != 0:
             return None
         losses = self.losses
         return {
-            "format_version": FORMAT_VERSION,
             "config": self.cfg.to_flat(),
             "text_encoder": self.text_encoder,
+            "vocabulary": vocabulary_record(self.cfg.captions),
             "model": self.net.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -223,6 +175,12 @@ def check_resumable(payload: Mapping[str, Any], cfg: TrainConfig, world_size: in
         section_keys("model", "diffusion") + ("captions",),  # what the weights mean, and what they were taught
         "the config it was trained with (same --config)",
     )
+    saved_vocabulary, vocabulary = Vocabulary(**payload["vocabulary"]), Vocabulary(**vocabulary_record(cfg.captions))
+    if saved_vocabulary != vocabulary:
+        raise UserError(
+            f"{path} was trained on the caption vocabulary {saved_vocabulary} but this run's is {vocabulary}; "
+            "resume with the code that trained it, or start fresh"
+        )
     if payload["epoch_step"] < payload["steps_per_epoch"]:
         saved = {**payload["config"], "world_size": payload["world_size"]}
         _require_same(
