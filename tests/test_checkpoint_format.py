@@ -44,10 +44,18 @@ RUN = tiny_flags(
     precision="fp32",
 )
 RUNS = {V1: (*RUN, "--captions", "digits"), V2: RUN}  # a5c598a trained on the digit captions only
-# Resumed weights against those the fixture's machine (AVX512-BF16) reached: bitwise there; an AVX2
-# CPU's kernels round differently, measured at most 4.0e-6 on v1 (1 of 8 elements of a tensor, the
-# AVX2 machine) and 3.8e-6 under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 here; 5x that margin.
-RESUME_ATOL = 2e-5
+# Resumed weights against those the fixture's machine (AVX512-BF16) reached: bitwise there. Another CPU's
+# kernels round differently, and Adam turns that into up to a whole step (the learning rate, 1e-3) for the
+# few weights whose gradient is about 0. Measured: on the AVX2 machine, 1 element of 8 of a tensor beyond
+# rtol=1e-4, atol=1e-6 by 4.0e-6 (v1); under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on the AVX512
+# machine, at most 10 of 90,585 elements (0.011%) more than 2e-5 off, the worst by 1.9e-4 (v2). A resume that
+# takes other steps (--cond_drop_prob 0.2) moves 43% of them by more than 2e-5, the worst by 3.1e-3.
+NEAR, MOST, ALL = 2e-5, 1e-3, 1e-3  # at most MOST of the elements beyond NEAR, none beyond ALL (one step)
+
+
+def assert_resumed_to(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    difference = torch.cat([(got[key].float() - expected[key].float()).abs().flatten() for key in expected])
+    assert (difference > NEAR).float().mean() <= MOST and difference.max() <= ALL, difference.max()
 
 
 def test_a_fresh_checkpoint_holds_exactly_the_documented_keys(tmp_path):
@@ -118,10 +126,8 @@ def test_an_old_checkpoint_resumes_mid_epoch_to_the_weights_it_reached_then(tmp_
     then = torch.load(fixture / "checkpoint_epoch_0002.pt", weights_only=True)
     assert now["format_version"] == FORMAT_VERSION and now["step"] == then["step"] == 8
     assert now["ema"]["updates"] == then["ema"]["updates"] == 8
-    for part in ("model", "ema"):
-        got, expected = (s["model"] if part == "model" else s["ema"]["weights"] for s in (now, then))
-        for key in expected:
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=RESUME_ATOL)
+    assert_resumed_to(now["model"], then["model"])
+    assert_resumed_to(now["ema"]["weights"], then["ema"]["weights"])
 
 
 def test_a_version_1_checkpoint_is_refused_by_the_wrong_run_in_one_line(tmp_path):
