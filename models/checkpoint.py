@@ -77,7 +77,8 @@ def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     if not set(ALWAYS_KEYS) <= payload.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (missing config/ema/text_encoder)")
     # Keys a config lacks mean what they meant before they existed, in any version.
-    upgraded = {**payload, "config": {**LEGACY_DEFAULTS, **payload["config"]}, "format_version": FORMAT_VERSION}
+    config = {**payload["config"], **{k: v for k, v in LEGACY_DEFAULTS.items() if k not in payload["config"]}}
+    upgraded = {**payload, "config": config, "format_version": FORMAT_VERSION}
     if version < 3:  # the vocabulary of that name as this code defines it; the seed as a number
         upgraded["vocabulary"] = vocabulary_record(upgraded["config"]["captions"])
         record = payload["text_encoder"]

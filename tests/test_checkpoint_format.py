@@ -22,6 +22,7 @@ from data.shapes import IMAGE_SHAPE
 from ddpm import SamplingOptions, generate, prompt_contexts
 from models.checkpoint import FORMAT_VERSION, SAMPLING_KEYS, load_checkpoint, save_checkpoint
 from models.loading import load_trained_model
+from models.pretrained import ship
 from runtime.errors import EXIT_USER_ERROR, UserError
 from tests.helpers import ROOT, run_in_process, tiny_flags, write_untrained_checkpoint
 from training.config import TrainConfig
@@ -167,3 +168,23 @@ def test_sampling_refuses_a_checkpoint_whose_vocabulary_the_code_has_changed(tmp
     with pytest.raises(UserError, match=f"trained on the caption vocabulary 'styles' \\(fingerprint {then}\\)") as err:
         load_trained_model(path, torch.device("cpu"))
     assert "\n" not in str(err.value) and caption_set("styles").fingerprint in str(err.value)
+
+
+def test_the_shipped_model_is_remade_through_the_one_writer_and_samples(tmp_path):
+    checkpoint = write_untrained_checkpoint(tmp_path / "c.pt")
+    summary = {"trained pairs": {"digit_accuracy": 0.5}, "held-out pairs": {"digit_accuracy": 0.25}}
+    scores = {"accuracy": 0.5, "fmd": 9.0, "fmd_floor": 1.0}
+    evaluation = {
+        **{"sampler": "ddim", "steps": 5, "guidance_scales": [6.0], "seed": 0, "bf16": False, "device": "cpu"},
+        "results": [{"guidance_scale": 6.0, "sets": {"seen": scores}, "styles": {"summary": summary}}],
+    }
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    record = ship(checkpoint, tmp_path / "eval.json", out=tmp_path / "shipped.pt")
+    assert record["scores"] == [
+        {"guidance_scale": 6.0, "accuracy_seen": 0.5, "fmd_seen": 9.0, "fmd_floor_seen": 1.0, "styles": summary}
+    ]
+    raw = torch.load(tmp_path / "shipped.pt", weights_only=True)
+    assert set(raw) == {"format_version", *SAMPLING_KEYS} and raw["format_version"] == FORMAT_VERSION
+    assert all(w.dtype == torch.float16 for w in raw["ema"]["weights"].values() if w.is_floating_point())
+    model = load_trained_model(tmp_path / "shipped.pt", torch.device("cpu"))
+    assert model.saved.vocabulary.name == "styles" and model.saved.unet.widths == (16, 32)
