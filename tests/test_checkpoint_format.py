@@ -20,7 +20,7 @@ from data.captions import HELDOUT_TEMPLATES, caption_set
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE
 from ddpm import SamplingOptions, generate, prompt_contexts
-from models.checkpoint import FORMAT_VERSION, SAMPLING_KEYS, load_checkpoint, save_checkpoint
+from models.checkpoint import FORMAT_VERSION, SAMPLING_KEYS, SHIPPED, find_model, load_checkpoint, save_checkpoint
 from models.loading import load_trained_model
 from models.pretrained import ship
 from runtime.errors import EXIT_USER_ERROR, UserError
@@ -188,3 +188,16 @@ def test_the_shipped_model_is_remade_through_the_one_writer_and_samples(tmp_path
     assert all(w.dtype == torch.float16 for w in raw["ema"]["weights"].values() if w.is_floating_point())
     model = load_trained_model(tmp_path / "shipped.pt", torch.device("cpu"))
     assert model.saved.vocabulary.name == "styles" and model.saved.unet.widths == (16, 32)
+
+
+def test_the_model_a_command_loads_follows_the_one_rule(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default folder, outputs/mnist, is empty here
+    run = tmp_path / "run"
+    assert find_model(tmp_path / "named.pt", run) == tmp_path / "named.pt"  # --checkpoint: that file
+    with pytest.raises(UserError, match=f"no checkpoint in {run / 'checkpoints'}; train first"):
+        find_model(None, run)  # a named folder without a checkpoint: no fallback
+    assert find_model(None, None) == SHIPPED  # nothing named and nothing trained: the shipped model, said once
+    assert capsys.readouterr().err.count("sampling from the shipped model models/pretrained/cpu.pt") == 1
+    write_untrained_checkpoint(run / "checkpoints" / "checkpoint_epoch_0001.pt")  # step 0
+    shutil.copy(V1 / "checkpoint_step_00000003.pt", run / "checkpoints")
+    assert find_model(None, run) == run / "checkpoints" / "checkpoint_step_00000003.pt"  # the highest step
