@@ -37,10 +37,9 @@ from scipy import ndimage
 from skimage import filters, morphology, transform
 from tqdm import tqdm
 
-from data.shapes import IMAGE_SIZE
+from data.shapes import IMAGE_SIZE, MEASURES
 from runtime.files import atomic_write
 
-MEASURES: tuple[str, ...] = ("area", "length", "thickness", "slant", "width", "height")
 MEASURE_VERSION: int = 1  # a cache key: bump whenever a definition below changes
 
 SCALE = 4  # upscaling factor for the sub-pixel measures

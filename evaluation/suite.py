@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from data import load_mnist, mnist_cache_dir
-from data.captions import TRAIN_TEMPLATES, PromptPlan, plan_prompts
+from data.captions import PromptPlan, plan_prompts
 from data.images import to_uint8
+from data.mnist import load_mnist, mnist_cache_dir
 from data.morphometry import cached_measures, measure_digits
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS
 from ddpm import GaussianDiffusion, generate
@@ -94,7 +94,7 @@ def evaluate_during_training(
     start = time.perf_counter()
     table = data.prompt_table
     judge, reference = judge_and_reference(cfg.data_dir, table.device)
-    plan = plan_prompts(cfg.eval_samples, {"seen": TRAIN_TEMPLATES})
+    plan = plan_prompts(cfg.eval_samples, {"seen": data.captions.vocabulary.templates})
     cond = table[torch.tensor([data.captions.row_of(p) for p in plan.prompts], device=table.device)]
     images = generate(
         net, diffusion, cond, table[:1], cfg.sampling_options(), image_shape=IMAGE_SHAPE, seed=cfg.seed, bf16=use_bf16
