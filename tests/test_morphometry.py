@@ -13,7 +13,8 @@ import pytest
 from skimage import transform
 
 from data.mnist import load_mnist
-from data.morphometry import MEASURE_VERSION, MEASURES, _upscale, measure_digit, measure_digits
+from data.morphometry import MEASURE_VERSION, _upscale, measure_digit, measure_digits
+from data.shapes import MEASURES
 from tests.helpers import ROOT
 
 COLUMN = {name: i for i, name in enumerate(MEASURES)}
