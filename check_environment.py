@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import constants as hub_constants
 
-from data import load_mnist, mnist_cache_dir
-from data.mnist import IDX_FILES, WHEEL_NAME
+from data.mnist import IDX_FILES, WHEEL_NAME, load_mnist, mnist_cache_dir
 from runtime.errors import UserError, run_cli
 from runtime.files import prove_writable, remove_created
 from runtime.flags import CliParser

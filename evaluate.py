@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import EMPTY_PROMPT, load_mnist, mnist_cache_dir
-from data.captions import plan_prompts
+from data.captions import EMPTY_PROMPT, Vocabulary, plan_prompts, vocabulary_named
 from data.images import save_grid
+from data.mnist import load_mnist, mnist_cache_dir
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions
 from evaluation.judge import JUDGE_PATH, judge_record
 from evaluation.reference import RealReference
@@ -149,11 +149,11 @@ def build_report(
     }
 
 
-def style_reference(args, model: TrainedModel) -> StyleReference | None:
+def style_reference(args, vocabulary: Vocabulary) -> StyleReference | None:
     """Real MNIST's measures for the style prompts, for a model trained on style captions (else None)."""
-    if model.saved.vocabulary.name != "styles" or not args.style_samples:
+    if not vocabulary.attributes or not args.style_samples:
         return None
-    return StyleReference.from_mnist(load_mnist(args.data_dir), mnist_cache_dir())
+    return StyleReference.from_mnist(vocabulary, load_mnist(args.data_dir), mnist_cache_dir())
 
 
 def style_sampler(pipe: Text2Digit, options: SamplingOptions, args) -> SampleFn:
@@ -161,10 +161,10 @@ def style_sampler(pipe: Text2Digit, options: SamplingOptions, args) -> SampleFn:
     return lambda prompts, per_prompt, negative: sample_plan(pipe, prompts, options, args, per_prompt, negative, True)
 
 
-def style_picture(sample) -> Callable[[Path], None]:
+def style_picture(sample, vocabulary: Vocabulary) -> Callable[[Path], None]:
     """Rows low word / plain / high word per digit and attribute, the same seeds in every row; sampled
     now, written by the returned function once the report is safely on disk."""
-    prompts = style_picture_rows()
+    prompts = style_picture_rows(vocabulary)
     images = sample(prompts, PICTURE_COLUMNS, EMPTY_PROMPT)
     return partial(save_grid, list(images), [f'"{p}"' for p in prompts])
 
@@ -182,11 +182,11 @@ def evaluate_scale(pipe: Text2Digit, scale: float, plan, references, args) -> tu
         sample = style_sampler(pipe, options, args)
         result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
         result["styles"]["summary"] = summary(result["styles"])  # what models/pretrained.py records
-        picture = style_picture(sample)
+        picture = style_picture(sample, styles.vocabulary)
     result["seconds"] = time.perf_counter() - t0
     print(result_tables(result), flush=True)
     if styles is not None:
-        print(style_tables(result["styles"]), flush=True)
+        print(style_tables(result["styles"], styles.vocabulary), flush=True)
     return result, picture
 
 
@@ -210,8 +210,9 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
         raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
     record = judge_record()  # read now: a missing record fails before sampling, not after
     judge, reference = judge_and_reference(args.data_dir, device)
-    styles = style_reference(args, model)
-    plan = plan_prompts(args.num_samples)
+    vocabulary = vocabulary_named(model.saved.vocabulary.name)  # the captions the model was trained on
+    styles = style_reference(args, vocabulary)
+    plan = plan_prompts(args.num_samples, vocabulary.prompt_sets)
     print(
         f"{path} (epoch {model.epoch}): {args.sampler}, {args.steps} steps, seed {args.seed}, "
         f"{'bf16' if args.bf16 else 'fp32'} on {device}, "

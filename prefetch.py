@@ -16,7 +16,7 @@ import sys
 
 from huggingface_hub.constants import HF_HUB_CACHE
 
-from data import load_mnist, mnist_cache_dir
+from data.mnist import load_mnist, mnist_cache_dir
 from models.text_encoder import build_text_encoder
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from data import EMPTY_PROMPT
+from data.captions import EMPTY_PROMPT
 from data.images import save_grid, save_images
 from data.trajectory import TrajectoryRecorder
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS

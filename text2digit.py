@@ -25,10 +25,10 @@ from PIL import Image
 from data.captions import EMPTY_PROMPT
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE
+from data.tokens import CONTEXT_LENGTH, truncated_prompt
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, SamplingOptions, generate
 from models.checkpoint import SHIPPED
 from models.loading import TrainedModel, load_trained_model
-from models.text_encoder import CONTEXT_LENGTH, truncated_prompt
 from runtime.devices import pick_device, use_bf16
 from runtime.errors import UserError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data.captions import CAPTION_SETS
+from data.captions import VOCABULARIES
 from runtime.errors import run_cli
 from runtime.flags import CliParser, require_positive
 from training.config import load_config_file
@@ -50,7 +50,7 @@ def trainer_for(kind: str, config: Path) -> Trainer:
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
-    trainers = {kind: trainer_for(kind, args.config) for kind in CAPTION_SETS}
+    trainers = {kind: trainer_for(kind, args.config) for kind in VOCABULARIES}
     batch = trainers["digits"].cfg.batch_size
     batches = torch.arange(batch * (args.steps + args.warmup)).view(-1, batch) % len(trainers["digits"].data.images)
     times: dict[str, list[float]] = {kind: [] for kind in trainers}

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data import EMPTY_PROMPT, TRAIN_TEMPLATES
-from data.captions import plan_prompts
+from data.captions import EMPTY_PROMPT, plan_prompts, vocabulary_named
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS, TEXT_DIM, TEXT_TOKENS
 from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, GaussianDiffusion, generate, prompt_contexts
@@ -82,7 +81,8 @@ def build(args, device: torch.device):
     a fresh default UNet on random tokens (digits None)."""
     if args.checkpoint:
         model = load_trained_model(args.checkpoint, device)
-        plan = plan_prompts(args.num_images // NUM_DIGITS, {"seen": TRAIN_TEMPLATES})
+        templates = vocabulary_named(model.saved.vocabulary.name).templates
+        plan = plan_prompts(args.num_images // NUM_DIGITS, {"seen": templates})
         cond, uncond = prompt_contexts(model.encoder.encode, plan.prompts, 1, EMPTY_PROMPT)
         return model.net, model.diffusion, cond, uncond, plan.digits, f"{args.checkpoint} (epoch {model.epoch})"
     cfg = TrainConfig()

@@ -1,8 +1,11 @@
-"""Conditioning, in one place: every caption training can draw, the held-out wordings and (digit,
-attribute) pairs, the table of caption rows a training step draws from, and the plans by which
-evaluation prompts the model.
+"""Conditioning, in one place: the caption vocabularies, every caption training can draw from one,
+the held-out wordings and (digit, attribute) pairs, the table of caption rows a training step draws
+from, and the plans by which evaluation prompts the model.
 
-Two caption sets (the config key ``captions``):
+A vocabulary is a named, frozen definition (``Vocabulary``) in ``VOCABULARIES``; the config key
+``captions`` names one, and a checkpoint records its name and ``fingerprint``. A vocabulary that a
+model was trained on is never edited: other captions are another entry, so a checkpoint keeps meaning
+the captions it was trained on. The two today:
 
 - ``digits``: the digit alone, in eight wordings ("7", "seven", "the digit 7", "a handwritten seven", ...).
   What checkpoints from before the style captions were trained with.
@@ -19,45 +22,42 @@ Held out: some (digit, attribute value) pairs appear in no caption ("thick" with
 and a digit the model has only seen apart: evaluation tests composition, not memory.
 
 Every caption fits the text encoder's 8 tokens (start and end included); captions that would not
-are never produced. Adding an attribute: its measure in ``data/morphometry.py``, an ``Attribute``
-below, its held-out pair, and tests.
+are never produced. Adding an attribute: its measure in ``data/morphometry.py`` (named in
+``data/shapes.MEASURES``), one ``Attribute`` and its held-out pair in a new vocabulary, and tests;
+the style report (evaluation/styles.py) picks it up.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.morphometry import MEASURES
-from data.shapes import NUM_DIGITS, TEXT_TOKENS
+from data.shapes import MEASURES, NUM_DIGITS
+from data.tokens import CONTEXT_LENGTH, prompt_tokens
 
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# "{d}" is the numeral, "{word}" the English word.
-TRAIN_TEMPLATES: tuple[str, ...] = (
-    "{d}", "{word}", "the digit {d}", "the digit {word}", "the number {d}", "the number {word}",
-    "a handwritten {d}", "a handwritten {word}",
-)  # fmt: skip
-HELDOUT_TEMPLATES: tuple[str, ...] = ("a handwritten number {word}", "the numeral {d}", "a picture of {word}")
 EMPTY_PROMPT = ""  # the unconditional prompt for classifier-free guidance
-CAPTION_SETS = ("digits", "styles")
+Style = tuple[int, ...]  # per attribute of a vocabulary: -1 low, +1 high, 0 ordinary (or not mentioned)
 
 
 @dataclass(frozen=True)
 class Attribute:
-    """A way a digit can be unusually written: its measure, its words for the low and the high outer
-    quarter, and whether the word goes before the digit ("a thick 7") or after it ("a 7 slanted left")."""
+    """A way a digit can be unusually written: its measure and the unit the report gives it in, its
+    words for the low and the high outer quarter, and whether the word goes before the digit ("a
+    thick 7") or after it ("a 7 slanted left")."""
 
-    measure: str
+    measure: str  # one of data/shapes.MEASURES
     low: str
     high: str
+    unit: str
     before: bool
 
     def word(self, value: int) -> str:
@@ -68,21 +68,123 @@ class Attribute:
         return MEASURES.index(self.measure)
 
 
-ATTRIBUTES = (
-    Attribute("thickness", "thin", "thick", before=True),
-    Attribute("width", "narrow", "wide", before=True),
-    Attribute("slant", "slanted left", "slanted right", before=False),  # positive slant: the top leans right
-)
-OUTER_QUANTILE = 0.25  # below it within the digit's class: the low word; above 1 - it: the high word
-HELD_OUT_PAIRS = frozenset(
-    {(4, "thick"), (5, "thin"), (1, "wide"), (0, "narrow"), (9, "slanted left"), (3, "slanted right")}
-)
-Style = tuple[int, ...]  # per attribute: -1 low, +1 high, 0 ordinary (or not mentioned)
-STYLES: tuple[Style, ...] = tuple(itertools.product((0, -1, 1), repeat=len(ATTRIBUTES)))
+@dataclass(frozen=True)
+class Vocabulary:
+    """The captions a model is trained on and evaluated with. "{d}" in a template is the numeral,
+    "{word}" the English word. Without attributes, an image is captioned by its digit alone."""
+
+    name: str
+    templates: tuple[str, ...]  # the plain digit's training wordings
+    held_out_templates: tuple[str, ...]  # wordings of the plain digit never trained on
+    attributes: tuple[Attribute, ...] = ()
+    held_out_pairs: frozenset[tuple[int, str]] = field(default_factory=frozenset)  # (digit, word) never said
+    outer_quantile: float = 0.25  # below it within the digit's class: the low word; above 1 - it: the high word
+
+    def __post_init__(self) -> None:
+        """Catches what would otherwise do nothing, silently: a held-out word no attribute says, say."""
+        words = {a.word(v) for a in self.attributes for v in (-1, 1)}
+        problems = [f"unknown measure {a.measure!r}" for a in self.attributes if a.measure not in MEASURES]
+        problems += [f"held-out pair {p} names no digit and word" for p in self.held_out_pairs
+                     if p[0] not in range(NUM_DIGITS) or p[1] not in words]  # fmt: skip
+        problems += [f"outer quantile {self.outer_quantile} not in (0, 0.5)"] * (not 0 < self.outer_quantile < 0.5)
+        if problems:
+            raise ValueError(f"vocabulary {self.name!r}: {'; '.join(problems)}")
+
+    @functools.cached_property
+    def styles(self) -> tuple[Style, ...]:
+        """Every style: each attribute ordinary, low or high."""
+        return tuple(itertools.product((0, -1, 1), repeat=len(self.attributes)))
+
+    @property
+    def prompt_sets(self) -> dict[str, tuple[str, ...]]:
+        """Evaluation's sets of plain-digit wordings: the trained ones and the held-out ones."""
+        return {"seen": self.templates, "held-out": self.held_out_templates}
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """16 hex digits of the sha256 of what decides the captions a model is trained on and evaluated
+        with: every caption and which images may be captioned by which (the caption table), the
+        measures and the quantile that pick an attribute's images, the held-out pairs and wordings.
+        Neither the name nor the units, which change no caption."""
+        captions = caption_set(self)
+        definition = {
+            "prompts": captions.prompts,
+            "rows": captions.rows.tolist(),
+            "attributes": [[a.measure, a.low, a.high, a.before] for a in self.attributes],
+            "outer_quantile": self.outer_quantile,
+            "held_out_pairs": sorted(self.held_out_pairs),
+            "held_out_templates": list(self.held_out_templates),
+        }
+        return hashlib.sha256(json.dumps(definition).encode()).hexdigest()[:16]
+
+    def style_prompt(self, digit: int | None, style: Style) -> str:
+        """The canonical caption of a digit (None: no digit) in ``style``: "a thick 7", "a 7 slanted left"."""
+        return self._phrase(None if digit is None else str(digit), style, article=digit is not None)
+
+    def wordings(self, digit: int, style: Style) -> list[str]:
+        """Every training caption of ``digit`` in ``style`` (0: not mentioned) that fits the text
+        encoder: the plain templates when nothing is mentioned."""
+        if not any(style):
+            return prompts_for(digit, self.templates)
+        forms = [self._phrase(str(digit), style, True), self._phrase(DIGIT_WORDS[digit], style, True),
+                 self._phrase(str(digit), style, False), self._phrase(None, style, False)]  # fmt: skip
+        return [form for form in forms if fits(form)]
+
+    def mentionable(self, digit: int, style: Style) -> Style:
+        """``style`` without the attribute values held out for ``digit``: they are never said of it."""
+        return tuple(
+            0 if v and (digit, a.word(v)) in self.held_out_pairs else v for a, v in zip(self.attributes, style)
+        )
+
+    def one_attribute(self, attribute: int, value: int) -> Style:
+        """The style with attribute number ``attribute`` at ``value`` and every other ordinary."""
+        return tuple(value if i == attribute else 0 for i in range(len(self.attributes)))
+
+    def _phrase(self, noun: str | None, style: Style, article: bool) -> str:
+        before = [a.word(v) for a, v in zip(self.attributes, style) if v and a.before]
+        after = [a.word(v) for a, v in zip(self.attributes, style) if v and not a.before]
+        words = [*before, *([noun] if noun else []), *after]
+        if article:
+            words.insert(0, "an" if words[0] in ("8", "eight") else "a")
+        return " ".join(words)
+
+
+_PLAIN_WORDINGS = (
+    "{d}", "{word}", "the digit {d}", "the digit {word}", "the number {d}", "the number {word}",
+    "a handwritten {d}", "a handwritten {word}",
+)  # fmt: skip
+_HELD_OUT_WORDINGS = ("a handwritten number {word}", "the numeral {d}", "a picture of {word}")
+# Never edit an entry a checkpoint was trained on (tests/test_captions.py pins their fingerprints): add one.
+VOCABULARIES: dict[str, Vocabulary] = {
+    v.name: v
+    for v in (
+        Vocabulary("digits", _PLAIN_WORDINGS, _HELD_OUT_WORDINGS),
+        Vocabulary(
+            "styles",
+            _PLAIN_WORDINGS,
+            _HELD_OUT_WORDINGS,
+            attributes=(
+                Attribute("thickness", "thin", "thick", "px", before=True),
+                Attribute("width", "narrow", "wide", "px", before=True),
+                Attribute("slant", "slanted left", "slanted right", "deg", before=False),  # positive: top leans right
+            ),
+            held_out_pairs=frozenset(
+                {(4, "thick"), (5, "thin"), (1, "wide"), (0, "narrow"), (9, "slanted left"), (3, "slanted right")}
+            ),
+        ),
+    )
+}
+
+
+def vocabulary_named(name: str) -> Vocabulary:
+    """The vocabulary called ``name`` in VOCABULARIES."""
+    if name not in VOCABULARIES:
+        raise ValueError(f"captions must be one of {', '.join(VOCABULARIES)}, got {name!r}")
+    return VOCABULARIES[name]
 
 
 # ----------------------------------------------------------------------------- wordings
-def prompts_for(digit: int, templates: Sequence[str] = TRAIN_TEMPLATES) -> list[str]:
+def prompts_for(digit: int, templates: Sequence[str]) -> list[str]:
     """The prompts for one digit, in template order."""
     if digit not in range(NUM_DIGITS):
         raise ValueError(f"digit must be 0..{NUM_DIGITS - 1}, got {digit!r}")
@@ -94,72 +196,39 @@ def canonical_prompt(digit: int) -> str:
     return str(digit)
 
 
-def style_prompt(digit: int | None, style: Style) -> str:
-    """The canonical caption of a digit (None: no digit) in ``style``: "a thick 7", "a 7 slanted left"."""
-    return _phrase(None if digit is None else str(digit), style, article=digit is not None)
-
-
-def wordings(digit: int, style: Style) -> list[str]:
-    """Every training caption of ``digit`` in ``style`` (0: not mentioned) that fits the text encoder:
-    the plain templates when nothing is mentioned."""
-    if not any(style):
-        return prompts_for(digit)
-    forms = [_phrase(str(digit), style, True), _phrase(DIGIT_WORDS[digit], style, True),
-             _phrase(str(digit), style, False), _phrase(None, style, False)]  # fmt: skip
-    return [form for form in forms if fits(form)]
-
-
 def fits(prompt: str) -> bool:
     """Whether ``prompt`` fits the text encoder's context, start and end tokens included."""
-    from models.text_encoder import prompt_tokens  # open_clip's tokenizer: imported when first needed
-
-    return prompt_tokens(prompt) <= TEXT_TOKENS
-
-
-def _phrase(noun: str | None, style: Style, article: bool) -> str:
-    before = [a.word(v) for a, v in zip(ATTRIBUTES, style) if v and a.before]
-    after = [a.word(v) for a, v in zip(ATTRIBUTES, style) if v and not a.before]
-    words = [*before, *([noun] if noun else []), *after]
-    if article:
-        words.insert(0, "an" if words[0] in ("8", "eight") else "a")
-    return " ".join(words)
-
-
-def mentionable(digit: int, style: Style) -> Style:
-    """``style`` without the attribute values held out for ``digit``: they are never said of it."""
-    return tuple(0 if v and (digit, a.word(v)) in HELD_OUT_PAIRS else v for a, v in zip(ATTRIBUTES, style))
+    return prompt_tokens(prompt) <= CONTEXT_LENGTH
 
 
 # ----------------------------------------------------------------------------- the caption table
 @dataclass(frozen=True)
 class CaptionSet:
-    """Every caption of a caption set, and which of them each class of image may be captioned with.
+    """Every caption of a vocabulary, and which of them each class of image may be captioned with.
 
-    A class is a digit (``digits``) or a digit and its measured style (``styles``: class = digit *
-    len(STYLES) + style index). For class c, ``rows[c, s, w]`` is the table row of wording w of
-    subset s of its mentionable attributes; ``subsets[c]`` and ``wordings[c, s]`` count them.
+    A class is a digit and its measured style: class = digit * len(vocabulary.styles) + style index
+    (a vocabulary without attributes has one style, so a class is a digit). For class c,
+    ``rows[c, s, w]`` is the table row of wording w of subset s of its mentionable attributes;
+    ``subsets[c]`` and ``wordings[c, s]`` count them.
     """
 
-    kind: str
+    vocabulary: Vocabulary
     prompts: list[str]  # row 0 is the empty prompt
     rows: np.ndarray  # int64 [classes, max subsets, max wordings], -1 where unused
     subsets: np.ndarray  # int64 [classes]
     wordings: np.ndarray  # int64 [classes, max subsets]
 
-    def row_of(self, prompt: str) -> int:
-        return self.prompts.index(prompt)
-
     @property
     def fingerprint(self) -> str:
-        """16 hex digits of the sha256 of what defines the vocabulary (its prompts, the held-out pairs and
-        the held-out templates): checkpoints record it, so a changed vocabulary of the same name is noticed."""
-        definition = [self.prompts, sorted(HELD_OUT_PAIRS), list(HELDOUT_TEMPLATES)]
-        return hashlib.sha256(json.dumps(definition).encode()).hexdigest()[:16]
+        return self.vocabulary.fingerprint
+
+    def row_of(self, prompt: str) -> int:
+        return self.prompts.index(prompt)
 
     def draw(self, classes: torch.Tensor, generator: torch.Generator, table: CaptionTensors) -> torch.Tensor:
         """A caption row for each image of ``classes`` ([B] on the training device): uniformly one subset
         of its unusual attributes, then uniformly one of that subset's wordings."""
-        if self.kind == "digits":  # one draw per image: the same stream as before the style captions
+        if not self.vocabulary.attributes:  # one draw per image: the same stream as before the style captions
             wording = torch.randint(table.rows.shape[2], (len(classes),), device=classes.device, generator=generator)
             return table.rows[classes, 0, wording]
         u = torch.rand(len(classes), 2, device=classes.device, generator=generator)
@@ -181,14 +250,15 @@ class CaptionTensors:
         return cls(*(torch.as_tensor(a, device=device) for a in (captions.rows, captions.subsets, captions.wordings)))
 
 
-@lru_cache(maxsize=2)
-def caption_set(kind: str) -> CaptionSet:
-    """The captions of ``kind`` (one of CAPTION_SETS) and how each class of image draws from them."""
-    if kind not in CAPTION_SETS:
-        raise ValueError(f"captions must be one of {', '.join(CAPTION_SETS)}, got {kind!r}")
-    styles = STYLES if kind == "styles" else STYLES[:1]
-    classes = [[_subset_wordings(d, style) for style in styles] for d in range(NUM_DIGITS)]
-    classes = [c for per_digit in classes for c in per_digit]
+def caption_set(vocabulary: Vocabulary | str) -> CaptionSet:
+    """The captions of ``vocabulary`` (or of the one of VOCABULARIES so named) and how each class of
+    image draws from them."""
+    return _caption_set(vocabulary_named(vocabulary) if isinstance(vocabulary, str) else vocabulary)
+
+
+@functools.lru_cache(maxsize=4)
+def _caption_set(vocabulary: Vocabulary) -> CaptionSet:
+    classes = [_subset_wordings(vocabulary, d, style) for d in range(NUM_DIGITS) for style in vocabulary.styles]
     prompts = [EMPTY_PROMPT, *dict.fromkeys(p for c in classes for subset in c for p in subset)]
     row = {p: i for i, p in enumerate(prompts)}
     max_subsets, max_wordings = max(map(len, classes)), max(len(s) for c in classes for s in c)
@@ -198,14 +268,16 @@ def caption_set(kind: str) -> CaptionSet:
         for s, subset in enumerate(subsets):
             rows[c, s, : len(subset)] = [row[p] for p in subset]
             wording_counts[c, s] = len(subset)
-    return CaptionSet(kind, prompts, rows, np.array([len(c) for c in classes]), wording_counts)
+    return CaptionSet(vocabulary, prompts, rows, np.array([len(c) for c in classes]), wording_counts)
 
 
-def _subset_wordings(digit: int, style: Style) -> list[list[str]]:
+def _subset_wordings(vocabulary: Vocabulary, digit: int, style: Style) -> list[list[str]]:
     """For one class: the wordings of each subset of its mentionable attributes, the empty subset first."""
-    said = [i for i, v in enumerate(mentionable(digit, style)) if v]
+    said = [i for i, v in enumerate(vocabulary.mentionable(digit, style)) if v]
     subsets = [c for k in range(len(said) + 1) for c in itertools.combinations(said, k)]
-    return [wordings(digit, tuple(style[i] if i in subset else 0 for i in range(len(style)))) for subset in subsets]
+    return [
+        vocabulary.wordings(digit, tuple(v if i in subset else 0 for i, v in enumerate(style))) for subset in subsets
+    ]
 
 
 def prompt_table(captions: CaptionSet, encode: Callable[[list[str]], torch.Tensor], encoder_key: Sequence,
@@ -214,7 +286,7 @@ def prompt_table(captions: CaptionSet, encode: Callable[[list[str]], torch.Tenso
     ``cache_dir/prompt_tables/``, keyed by the captions and ``encoder_key`` (the text encoder's
     fingerprint and the device it ran on, whose kernels round differently)."""
     key = hashlib.sha256(json.dumps([captions.prompts, list(encoder_key)]).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "prompt_tables" / f"{captions.kind}_{key}.pt"
+    path = Path(cache_dir) / "prompt_tables" / f"{captions.vocabulary.name}_{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     table = encode(captions.prompts).cpu()
@@ -226,25 +298,27 @@ def prompt_table(captions: CaptionSet, encode: Callable[[list[str]], torch.Tenso
 
 
 # ----------------------------------------------------------------------------- styles of real images
-def style_thresholds(measures: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per digit and attribute, the measure's (low, high) quantiles among that digit's images:
-    float64 [NUM_DIGITS, len(ATTRIBUTES), 2]."""
-    columns = [a.column for a in ATTRIBUTES]
-    return np.stack([np.nanquantile(measures[labels == d][:, columns], [OUTER_QUANTILE, 1 - OUTER_QUANTILE], axis=0).T
-                     for d in range(NUM_DIGITS)])  # fmt: skip
+def style_thresholds(vocabulary: Vocabulary, measures: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per digit and attribute, the measure's (low, high) outer quantiles among that digit's images:
+    float64 [NUM_DIGITS, len(vocabulary.attributes), 2]."""
+    columns = [a.column for a in vocabulary.attributes]
+    q = [vocabulary.outer_quantile, 1 - vocabulary.outer_quantile]
+    return np.stack([np.nanquantile(measures[labels == d][:, columns], q, axis=0).T for d in range(NUM_DIGITS)])
 
 
-def styles_of(measures: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Each image's style: int64 [N, len(ATTRIBUTES)], -1 / +1 in its class's low / high outer quarter."""
-    values = measures[:, [a.column for a in ATTRIBUTES]]
+def styles_of(vocabulary: Vocabulary, measures: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Each image's style: int64 [N, len(vocabulary.attributes)], -1 / +1 in its class's low / high
+    outer quantile."""
+    values = measures[:, [a.column for a in vocabulary.attributes]]
     low, high = thresholds[labels, :, 0], thresholds[labels, :, 1]
     return np.where(values < low, -1, np.where(values > high, 1, 0)).astype(np.int64)
 
 
-def style_classes(labels: np.ndarray, styles: np.ndarray) -> np.ndarray:
-    """The CaptionSet class of each image of the ``styles`` set."""
-    index = {style: i for i, style in enumerate(STYLES)}
-    return labels.astype(np.int64) * len(STYLES) + np.array([index[tuple(s)] for s in styles], np.int64)
+def style_classes(vocabulary: Vocabulary, labels: np.ndarray, styles: np.ndarray) -> np.ndarray:
+    """The CaptionSet class of each image, from its digit and its style."""
+    index = {style: i for i, style in enumerate(vocabulary.styles)}
+    count = len(vocabulary.styles)
+    return labels.astype(np.int64) * count + np.array([index[tuple(s)] for s in styles], np.int64)
 
 
 # ----------------------------------------------------------------------------- evaluation plans
@@ -259,13 +333,11 @@ class PromptPlan:
     sets: list[str]
 
 
-PROMPT_SETS = {"seen": TRAIN_TEMPLATES, "held-out": HELDOUT_TEMPLATES}
-
-
-def plan_prompts(per_digit: int, prompt_sets: dict[str, Sequence[str]] = PROMPT_SETS) -> PromptPlan:
-    """``per_digit`` samples of each digit per set, cycling through the set's K templates across
-    digits (sample i of digit d uses template (d * per_digit + i) mod K), so every template is used
-    and, when per_digit >= K, every digit gets every template."""
+def plan_prompts(per_digit: int, prompt_sets: dict[str, Sequence[str]]) -> PromptPlan:
+    """``per_digit`` samples of each digit per set of templates (a vocabulary's ``prompt_sets``, or some
+    of them), cycling through the set's K templates across digits (sample i of digit d uses template
+    (d * per_digit + i) mod K), so every template is used and, when per_digit >= K, every digit gets
+    every template."""
     prompts, digits, index, templates, sets = [], [], [], [], []
     for name, set_templates in prompt_sets.items():
         for digit in range(NUM_DIGITS):
@@ -286,25 +358,16 @@ class StylePrompt:
 
     prompt: str
     digit: int
-    attribute: int | None
+    attribute: int | None  # index into the vocabulary's attributes
     value: int
     held_out: bool
 
 
-def style_plan() -> list[StylePrompt]:
+def style_plan(vocabulary: Vocabulary) -> list[StylePrompt]:
     """The plain prompt of every digit, then every digit with every attribute value, held-out pairs marked."""
     plan = [StylePrompt(canonical_prompt(d), d, None, 0, False) for d in range(NUM_DIGITS)]
-    for d, (i, attribute), value in itertools.product(range(NUM_DIGITS), enumerate(ATTRIBUTES), (-1, 1)):
-        style = tuple(value if j == i else 0 for j in range(len(ATTRIBUTES)))
-        plan.append(StylePrompt(style_prompt(d, style), d, i, value, (d, attribute.word(value)) in HELD_OUT_PAIRS))
+    attributes = vocabulary.attributes
+    for d, (i, attribute), value in itertools.product(range(NUM_DIGITS), enumerate(attributes), (-1, 1)):
+        prompt = vocabulary.style_prompt(d, vocabulary.one_attribute(i, value))
+        plan.append(StylePrompt(prompt, d, i, value, (d, attribute.word(value)) in vocabulary.held_out_pairs))
     return plan
-
-
-def training_prompts() -> list[tuple[str, int]]:
-    """(prompt, digit) pairs of the training templates, digit-major, in a fixed order."""
-    return [(p, d) for d in range(NUM_DIGITS) for p in prompts_for(d)]
-
-
-def heldout_prompts() -> list[tuple[str, int]]:
-    """(prompt, digit) pairs of the held-out templates, digit-major, in a fixed order."""
-    return [(p, d) for d in range(NUM_DIGITS) for p in prompts_for(d, HELDOUT_TEMPLATES)]

@@ -124,12 +124,6 @@ def parse_idx(data: bytes, name: str = "idx data") -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(shape).copy()
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file, plain or gzip-compressed (by the ``.gz`` suffix)."""
-    path = Path(path)
-    return parse_idx(_read_bytes(path), str(path))
-
-
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` as an uncompressed idx file, atomically."""
     atomic_write(Path(path), lambda f: f.write(idx_bytes(array)))

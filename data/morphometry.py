@@ -37,10 +37,9 @@ from scipy import ndimage
 from skimage import filters, morphology, transform
 from tqdm import tqdm
 
-from data.shapes import IMAGE_SIZE
+from data.shapes import IMAGE_SIZE, MEASURES
 from runtime.files import atomic_write
 
-MEASURES: tuple[str, ...] = ("area", "length", "thickness", "slant", "width", "height")
 MEASURE_VERSION: int = 1  # a cache key: bump whenever a definition below changes
 
 SCALE = 4  # upscaling factor for the sub-pixel measures
@@ -50,8 +49,8 @@ _CHUNK = 250  # digits per task sent to a worker
 POOL_MIN_DIGITS = 4096  # smaller batches are measured in the calling process by default
 
 
-def measure_digit(image: np.ndarray) -> np.ndarray:
-    """Measures one uint8 [28, 28] digit: a float64 vector in ``MEASURES`` order.
+def measure_digits(images: np.ndarray, workers: int | None = None, progress: bool = False) -> np.ndarray:
+    """Measures uint8 [N, 28, 28] digits: float32 [N, len(MEASURES)], a row per digit, in ``MEASURES`` order.
 
     - area: ink area (binarised), in square pixels.
     - length: skeleton length, counting 1 per straight and sqrt(2) per diagonal step, in pixels.
@@ -66,13 +65,6 @@ def measure_digit(image: np.ndarray) -> np.ndarray:
     - height: the vertical extent between the 1% and 99% mass percentiles along y, in pixels.
 
     An image without ink (or without contrast) gives NaN for every measure.
-    """
-    _check_images(image, ndim=2)
-    return _measure_chunk(image[None])[0]
-
-
-def measure_digits(images: np.ndarray, workers: int | None = None, progress: bool = False) -> np.ndarray:
-    """Measures uint8 [N, 28, 28] digits: float32 [N, len(MEASURES)], rows as ``measure_digit``.
 
     ``workers`` processes each take chunks of digits; 1 measures in this process. By default
     (None) batches under POOL_MIN_DIGITS are measured here (an evaluation's 500 digits take half
@@ -82,7 +74,7 @@ def measure_digits(images: np.ndarray, workers: int | None = None, progress: boo
     worker then waits on it for ever (it did, in an evaluation during training). Like spawn, this
     re-imports the caller's ``__main__`` in the workers, so scripts need a ``__main__`` guard.
     """
-    _check_images(images, ndim=3)
+    _check_images(images)
     if workers is None:
         workers = 1 if len(images) < POOL_MIN_DIGITS else (os.cpu_count() or 1)
     if workers < 1:
@@ -127,13 +119,12 @@ def _collect(results, out: np.ndarray, bar: tqdm) -> None:
         bar.update(len(rows))
 
 
-def _check_images(images: np.ndarray, ndim: int) -> None:
-    expected = "[28, 28]" if ndim == 2 else "[N, 28, 28]"
+def _check_images(images: np.ndarray) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"expected a uint8 numpy array {expected}, got {kind}")
-    if images.ndim != ndim or images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"expected shape {expected}, got {list(images.shape)}")
+        raise ValueError(f"expected a uint8 numpy array [N, 28, 28], got {kind}")
+    if images.ndim != 3 or images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"expected shape [N, 28, 28], got {list(images.shape)}")
 
 
 def _measure_chunk(images: np.ndarray) -> np.ndarray:

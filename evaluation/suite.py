@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from data import load_mnist, mnist_cache_dir
-from data.captions import TRAIN_TEMPLATES, PromptPlan, plan_prompts
+from data.captions import PromptPlan, plan_prompts
 from data.images import to_uint8
+from data.mnist import load_mnist, mnist_cache_dir
 from data.morphometry import cached_measures, measure_digits
 from data.shapes import NUM_DIGITS
 from evaluation.judge import Judge, judge_images, load_judge
@@ -77,15 +77,19 @@ def judge_and_reference(data_dir: str | None, device: torch.device) -> tuple[Jud
 
 
 def evaluate_during_training(
-    sample: Callable[[list[str]], torch.Tensor], per_digit: int, data_dir: str | None, device: torch.device
+    sample: Callable[[list[str]], torch.Tensor],
+    templates: Sequence[str],
+    per_digit: int,
+    data_dir: str | None,
+    device: torch.device,
 ) -> dict[str, float]:
-    """A small evaluation of the seen wordings: ``per_digit`` images of each digit, ``sample(prompts)``
-    giving one image in [-1, 1] per prompt (training samples them as the epoch's sample grid, with a
+    """A small evaluation of the seen wordings (``templates``, the vocabulary's): ``per_digit`` images of
+    each digit, ``sample(prompts)`` giving one image in [-1, 1] per prompt (training samples them as the epoch's sample grid, with a
     fixed seed so epochs are compared on the same noise); the judge and the real reference on
     ``device``, MNIST from ``data_dir``. Returns metrics.jsonl fields."""
     start = time.perf_counter()
     judge, reference = judge_and_reference(data_dir, device)
-    plan = plan_prompts(per_digit, {"seen": TRAIN_TEMPLATES})
+    plan = plan_prompts(per_digit, {"seen": templates})
     seen = score(to_uint8(sample(plan.prompts)), plan, judge, reference)["sets"]["seen"]
     return {
         "eval_accuracy": seen["accuracy"],

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import load_mnist
+from data.mnist import load_mnist
 from evaluation.judge import JUDGE_PATH, Judge, judge_images, judge_input, load_judge
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write

@@ -102,8 +102,8 @@ def position(payload: Mapping[str, Any]) -> tuple[int, int, int, int]:
 
 # ----------------------------------------------------------------------------- the saved model
 @dataclass(frozen=True)
-class Vocabulary:
-    """The caption vocabulary a model was trained on: its name (data/captions.py's CAPTION_SETS) and
+class VocabularyRecord:
+    """The caption vocabulary a model was trained on: its name (data/captions.py's VOCABULARIES) and
     the fingerprint of everything that defined it then (``CaptionSet.fingerprint``)."""
 
     name: str
@@ -112,12 +112,12 @@ class Vocabulary:
     def __str__(self) -> str:
         return f"'{self.name}' (fingerprint {self.fingerprint})"
 
-    def current(self) -> Vocabulary:
+    def current(self) -> VocabularyRecord:
         """This code's vocabulary of the same name."""
         try:
-            return Vocabulary(**vocabulary_record(self.name))
+            return VocabularyRecord(**vocabulary_record(self.name))
         except ValueError:  # a name this code no longer defines
-            return Vocabulary(self.name, "none: this code defines no such vocabulary")
+            return VocabularyRecord(self.name, "none: this code defines no such vocabulary")
 
     def check_current(self, path: Path) -> None:
         """Raise UserError unless this code's vocabulary of that name is still the one ``path`` was trained on."""
@@ -147,7 +147,7 @@ class SavedModel:
 
     unet: UNetConfig
     diffusion: DiffusionConfig
-    vocabulary: Vocabulary
+    vocabulary: VocabularyRecord
     text_encoder: dict[str, Any]
     ema_weights: dict[str, torch.Tensor]
     epoch: int
@@ -160,7 +160,7 @@ class SavedModel:
         return cls(
             config_section(UNetConfig, config),
             config_section(DiffusionConfig, config),
-            Vocabulary(**payload["vocabulary"]),
+            VocabularyRecord(**payload["vocabulary"]),
             payload["text_encoder"],
             payload["ema"]["weights"],
             payload["epoch"],

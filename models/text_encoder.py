@@ -26,7 +26,6 @@ encoder loaded now.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -40,11 +39,9 @@ import open_clip
 import torch
 from open_clip.model import _build_text_tower
 
-from data.shapes import TEXT_TOKENS
+from data.tokens import CONTEXT_LENGTH, MODEL_NAME, tokenizer
 from runtime.errors import UserError
 
-CONTEXT_LENGTH = TEXT_TOKENS
-MODEL_NAME = "ViT-B-32"
 OPENAI_HUB_REPO = "timm/vit_base_patch32_clip_224.openai"
 # open_clip prefers the safetensors file and falls back to the pickle, in this order.
 OPENAI_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -99,18 +96,11 @@ class TextEncoder(torch.nn.Module):
 
         ``tokens`` are the per-token states after ``ln_final`` and before the projection;
         ``pooled`` is the projected state at the end-of-text token. Prompts longer than 8
-        tokens are truncated (see ``is_truncated``).
+        tokens are truncated (see ``data.tokens.truncated_prompt``).
         """
         token_ids = self.tokenizer(prompts).to(self.device)
         pooled, tokens = self.tower(token_ids)
         return tokens, pooled
-
-    def count_tokens(self, prompt: str) -> int:
-        """Number of tokens ``prompt`` needs, start and end tokens included, before truncation."""
-        return prompt_tokens(prompt)
-
-    def is_truncated(self, prompt: str) -> bool:
-        return self.count_tokens(prompt) > CONTEXT_LENGTH
 
     @property
     def record(self) -> dict:
@@ -166,26 +156,6 @@ def build_text_encoder(
 ) -> TextEncoder:
     """Build the frozen text encoder; see the module docstring for ``weights``."""
     return TextEncoder(weights=weights, seed=seed, quick_gelu=quick_gelu, device=device)
-
-
-@functools.lru_cache(maxsize=1)
-def tokenizer():
-    """The encoder's tokenizer, without its weights (open_clip ships the BPE vocabulary)."""
-    return open_clip.get_tokenizer(MODEL_NAME, context_length=CONTEXT_LENGTH)
-
-
-def prompt_tokens(prompt: str) -> int:
-    """Tokens ``prompt`` needs, start and end included, before any truncation."""
-    return len(tokenizer().encode(prompt)) + 2
-
-
-def truncated_prompt(prompt: str) -> str | None:
-    """What the encoder reads of ``prompt`` when it needs more than CONTEXT_LENGTH tokens
-    (start and end included), else None. Needs only the tokenizer, not the encoder's weights."""
-    ids = tokenizer().encode(prompt)
-    if len(ids) + 2 <= CONTEXT_LENGTH:
-        return None
-    return tokenizer().decode(ids[: CONTEXT_LENGTH - 2]).strip()
 
 
 def check_compatible(saved_record: dict, encoder_record: dict) -> None:

@@ -1,8 +1,10 @@
 """Tests of evaluation/ and evaluate.py: the committed judge against the real MNIST test set,
-the metrics against closed forms, and evaluate.py end to end on a configs/tiny.yaml checkpoint."""
+the metrics against closed forms, the style report of a vocabulary with an attribute added, and
+evaluate.py end to end on a configs/tiny.yaml checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,11 +17,13 @@ import pytest
 from PIL import Image
 
 import evaluate
-from data import heldout_prompts, load_mnist, training_prompts
-from data.captions import plan_prompts
+from data.captions import DIGIT_WORDS, VOCABULARIES, Attribute, caption_set, plan_prompts, style_thresholds
+from data.mnist import load_mnist
+from data.morphometry import measure_digits
 from evaluation.judge import JUDGE_PATH, judge_images, judge_record, load_judge
 from evaluation.metrics import accuracy_by, conditional_accuracy, frechet_distance, gaussian_stats
 from evaluation.reference import split_halves
+from evaluation.styles import StyleReference, evaluate_styles, style_picture_rows, style_tables
 from runtime.errors import UserError
 from tests.helpers import ROOT
 
@@ -118,15 +122,66 @@ def test_real_halves_split_every_digit_evenly():
     assert np.array_equal(np.bincount(labels[a]), np.arange(10, 20) // 2)
 
 
-def test_plan_uses_every_template_and_names_the_right_digit():
-    plan = plan_prompts(11)
-    assert len(plan.prompts) == 2 * 10 * 11
-    truth = dict(training_prompts() + heldout_prompts())
-    assert all(truth[p] == d for p, d in zip(plan.prompts, plan.digits))
-    seen = {p for p, s in zip(plan.prompts, plan.sets) if s == "seen"}
-    held_out = {p for p, s in zip(plan.prompts, plan.sets) if s == "held-out"}
-    assert seen == {p for p, _ in training_prompts()} and held_out == {p for p, _ in heldout_prompts()}
-    assert np.array_equal(np.bincount(plan.digits), np.full(10, 22))
+def test_plan_gives_every_digit_every_template_and_names_the_right_digit():
+    vocabulary = VOCABULARIES["styles"]
+    plan = plan_prompts(11, vocabulary.prompt_sets)  # 11 >= 8 templates: each digit gets each
+    assert len(plan.prompts) == 2 * 10 * 11 and np.array_equal(np.bincount(plan.digits), np.full(10, 22))
+    names = {str(d): d for d in range(10)} | {w: d for d, w in enumerate(DIGIT_WORDS)}
+    for prompt, digit in zip(plan.prompts, plan.digits):
+        assert [names[w] for w in prompt.split() if w in names] == [digit], prompt
+    for name, templates in vocabulary.prompt_sets.items():
+        for digit in range(10):
+            used = {t for t, d, s in zip(plan.templates, plan.digits, plan.sets) if d == digit and s == name}
+            assert used == set(templates), (name, digit)
+
+
+# ----------------------------------------------------------------------------- a new attribute
+STYLES = VOCABULARIES["styles"]
+TALL = dataclasses.replace(  # what adding "tall" takes: one Attribute and its held-out pair
+    STYLES,
+    name="styles+height",
+    attributes=(*STYLES.attributes, Attribute("height", "short", "tall", "px", before=True)),
+    held_out_pairs=STYLES.held_out_pairs | {(2, "tall")},
+)
+
+
+def bar(rows: int) -> np.ndarray:
+    """A vertical bar ``rows`` tall and 3 columns wide, centred."""
+    image = np.zeros((28, 28), np.uint8)
+    image[14 - rows // 2 : 14 - rows // 2 + rows, 12:15] = 255
+    return image
+
+
+def bars(prompts: list[str], per_prompt: int, negative: str) -> np.ndarray:
+    """A fake model: a bar 22 rows tall for "tall" (or the negative prompt "short"), 8 for "short" (or
+    the negative "tall"), else 15; image j is j % 2 rows shorter, as seeds would vary it."""
+
+    def rows(words: list[str]) -> int:
+        return 22 if "tall" in words or negative == "short" else 8 if "short" in words or negative == "tall" else 15
+
+    return np.stack([[bar(rows(p.split()) - j % 2) for j in range(per_prompt)] for p in prompts])
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # the bars vary in height alone: no thick or thin ones
+def test_an_added_attribute_is_captioned_and_reported_with_no_other_edit():
+    """Real digits' side: bars 8..22 rows tall for every digit, so "tall" is the top quarter (> ~18.5 rows)."""
+    captions = caption_set(TALL)
+    assert {"a tall 7", "a short 2", "a 7 slanted left"} <= set(captions.prompts) and "a tall 2" not in captions.prompts
+    heights, labels = np.tile(np.arange(8, 23), 10), np.repeat(np.arange(10), 15)
+    measures = measure_digits(np.stack([bar(h) for h in heights]))
+    reference = StyleReference(TALL, style_thresholds(TALL, measures, labels), measures, labels)
+    report = evaluate_styles(bars, reference, load_judge(), per_prompt=2)
+
+    tall = [p for p in report["pairs"] if p["word"] == "tall"]
+    assert [p["digit"] for p in tall] == list(range(10)) and [p["digit"] for p in tall if p["held_out"]] == [2]
+    assert all(p["measure"] == "height" and p["attribute_accuracy"] == 1 and p["shift"] > 5 for p in tall)
+    assert all(p["attribute_accuracy"] == 1 and p["shift"] < -5 for p in report["pairs"] if p["word"] == "short")
+    negative = {n["negative_prompt"]: n for n in report["negative"]}
+    assert negative["tall"]["measure"] == "height" and negative["tall"]["shift"] < -5 < 5 < negative["short"]["shift"]
+    tables = style_tables(report, TALL)
+    assert '| "tall" | 9 trained | ' in tables and '| "tall" | 2 | ' in tables and '| "short" | 10 trained | ' in tables
+    assert '| "tall" | height | -' in tables and " px |" in tables.split('| "tall" | 2 |')[1].splitlines()[0]
+    assert {"a short 7", "7", "a tall 7"} <= set(style_picture_rows(TALL))
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data import load_mnist
+from data.mnist import load_mnist
 from models.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow  # real processes (see pyproject.toml's markers)

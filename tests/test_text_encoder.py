@@ -16,6 +16,7 @@ import open_clip
 import pytest
 import torch
 
+from data.tokens import prompt_tokens, truncated_prompt
 from models.text_encoder import OPENAI_HUB_REPO, TextEncoder, build_text_encoder, check_compatible
 from runtime.errors import UserError
 
@@ -216,11 +217,18 @@ def test_a_random_encoder_built_differently_says_which_versions(random_encoder):
         check_compatible(dict(record, fingerprint=moved), record)
 
 
-def test_truncation_detection(random_encoder):
-    assert random_encoder.count_tokens("7") == 3
-    assert not random_encoder.is_truncated("a handwritten digit three")
-    assert random_encoder.is_truncated(PROMPTS[-1])
-    assert random_encoder.count_tokens(PROMPTS[-1]) > 8
+def test_token_counts_and_truncation_are_what_the_encoder_reads(random_encoder):
+    """Counts against the 77-token tokenizer (nothing cut); a long prompt encodes exactly as its truncation."""
+    wide = open_clip.get_tokenizer("ViT-B-32")
+    for prompt in PROMPTS:
+        assert prompt_tokens(prompt) == int((wide([prompt])[0] != 0).sum()), prompt
+    assert prompt_tokens("7") == 3
+    assert truncated_prompt("a handwritten digit three") is None
+    kept = truncated_prompt(PROMPTS[-1])
+    assert kept == "a very very long prompt that"  # the first 6 of its 10 BPE tokens
+    long_states, _ = random_encoder.encode([PROMPTS[-1]])
+    kept_states, _ = random_encoder.encode([kept])
+    assert torch.equal(long_states, kept_states)
 
 
 def test_unreachable_hub_is_decided_fast(empty_hub_cache, monkeypatch):

@@ -10,16 +10,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import load_mnist, mnist_cache_dir
 from data.captions import (
     CaptionSet,
     CaptionTensors,
+    Vocabulary,
     caption_set,
     prompt_table,
     style_classes,
     style_thresholds,
     styles_of,
+    vocabulary_named,
 )
+from data.mnist import load_mnist, mnist_cache_dir
 from data.morphometry import cached_measures
 from data.shapes import TEXT_DIM, TEXT_TOKENS
 from models.text_encoder import build_text_encoder
@@ -59,13 +61,14 @@ def load_training_data(cfg: TrainConfig, procs: Processes) -> TrainingData:
     if not procs.master:
         procs.barrier()  # rank 0 fetches and caches MNIST (and measures it) first
     mnist = load_mnist(cfg.data_dir)
-    classes = caption_classes(cfg.captions, mnist.train_images, mnist.train_labels)
+    vocabulary = vocabulary_named(cfg.captions)
+    classes = caption_classes(vocabulary, mnist.train_images, mnist.train_labels)
     if procs.master:
         procs.barrier()
     subset = slice(0, cfg.train_subset or None)
     images = torch.from_numpy(mnist.train_images[subset]).to(procs.device)
     labels = torch.from_numpy(mnist.train_labels[subset]).to(procs.device).long()
-    captions = caption_set(cfg.captions)
+    captions = caption_set(vocabulary)
     table, record = encode_captions(cfg, captions, procs)
     return TrainingData(
         images,
@@ -78,13 +81,14 @@ def load_training_data(cfg: TrainConfig, procs: Processes) -> TrainingData:
     )
 
 
-def caption_classes(kind: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def caption_classes(vocabulary: Vocabulary, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Each training image's class in the caption set: its digit, or its digit and measured style, the
     outer quarters taken over the whole training set (so a subset is captioned as in a full run)."""
-    if kind == "digits":
+    if not vocabulary.attributes:
         return labels.astype(np.int64)
     measures = cached_measures(images, mnist_cache_dir())
-    return style_classes(labels, styles_of(measures, labels, style_thresholds(measures, labels)))
+    thresholds = style_thresholds(vocabulary, measures, labels)
+    return style_classes(vocabulary, labels, styles_of(vocabulary, measures, labels, thresholds))
 
 
 def encode_captions(cfg: TrainConfig, captions: CaptionSet, procs: Processes) -> tuple[torch.Tensor, dict | None]:

@@ -223,7 +223,9 @@ class Trainer:
         if epoch % cfg.sample_every == 0 or epoch == cfg.num_epochs:
             self.write_samples(self.run.sample_grid(epoch))
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.num_epochs):
-            scores = evaluate_during_training(self.sample, cfg.eval_samples, cfg.data_dir, self.procs.device)
+            scores = evaluate_during_training(
+                self.sample, self.data.captions.vocabulary.templates, cfg.eval_samples, cfg.data_dir, self.procs.device
+            )
             self.run.log({"epoch": epoch, "step": state.step, **scores})
             print(
                 f"epoch {epoch}: judge accuracy {scores['eval_accuracy']:.3f}, FMD {scores['eval_fmd']:.2f} "

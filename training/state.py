@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import Vocabulary, vocabulary_record
+from models.checkpoint import VocabularyRecord, vocabulary_record
 from models.ema import EMA
 from models.unet import UNet
 from runtime.errors import UserError
@@ -175,7 +175,10 @@ def check_resumable(payload: Mapping[str, Any], cfg: TrainConfig, world_size: in
         section_keys("model", "diffusion") + ("captions",),  # what the weights mean, and what they were taught
         "the config it was trained with (same --config)",
     )
-    saved_vocabulary, vocabulary = Vocabulary(**payload["vocabulary"]), Vocabulary(**vocabulary_record(cfg.captions))
+    saved_vocabulary, vocabulary = (
+        VocabularyRecord(**payload["vocabulary"]),
+        VocabularyRecord(**vocabulary_record(cfg.captions)),
+    )
     if saved_vocabulary != vocabulary:
         raise UserError(
             f"{path} was trained on the caption vocabulary {saved_vocabulary} but this run's is {vocabulary}; "
