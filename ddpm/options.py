@@ -95,8 +95,8 @@ class Option:
         if not self._in_range(value):
             raise OutOfRange(field, f"{{{field}}} must be {self._range()}, got {{value}}", value=value)
         if self.interval and not 0 <= value[0] < value[1]:
-            shown = " ".join(f"{x:g}" for x in value)
-            raise OutOfRange(field, f"{{{field}}} must be two noise levels 0 <= low < high, got {{value}}", value=shown)
+            pair = " ".join(f"{x:g}" for x in value)
+            raise OutOfRange(field, f"{{{field}}} must be two noise levels 0 <= low < high, got {{value}}", value=pair)
         if self.only_with is not None and getattr(owner, self.only_with[0]) != self.only_with[1]:
             other, wanted = self.only_with
             raise OutOfRange(
@@ -115,7 +115,7 @@ class Option:
             return f"in [{self.low:g}, {self.high:g}]"
         if self.high is not None:
             return f"at most {self.high:g}"
-        return f"at least {self.low:g}" if self.low > 0 else f">= {self.low:g}"
+        return f"at least {self.low:g}" if self.low > 0 else f">= {self.low:g}"  # counts; non-negative values
 
 
 def option(default: Any = dataclasses.MISSING, **rule: Any) -> Any:
