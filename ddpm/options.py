@@ -178,7 +178,7 @@ def add_flags(
         if kind is bool:
             spec["action"] = "store_true"
         elif typing.get_origin(kind) is tuple and typing.get_args(kind)[-1] is Ellipsis:  # repeat the flag
-            spec.update(action="append", type=typing.get_args(kind)[0], required=required)
+            spec.update(action="append", type=typing.get_args(kind)[0], required=required, metavar=flag[2:].upper())
         elif typing.get_origin(kind) is tuple:
             items = typing.get_args(kind)
             spec.update(nargs=len(items), type=items[0], metavar=rule.metavar)
@@ -188,7 +188,7 @@ def add_flags(
             )
         if not required:
             spec["default"] = f.default
-            if f.default is not None and kind is not bool:
+            if f.default not in (None, "") and kind is not bool:
                 spec["help"] += f" (default: {shown(f.default)})"
         parser.add_argument(flag, **spec)
 
