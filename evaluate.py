@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from tqdm import tqdm
 from data.captions import EMPTY_PROMPT, Vocabulary, plan_prompts, vocabulary_named
 from data.images import save_grid
 from data.mnist import load_mnist, mnist_cache_dir
-from ddpm import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions
+from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions
+from ddpm.options import add_flags, flag_values, refused_as, shown, to_json
 from evaluation.judge import JUDGE_PATH, judge_record
 from evaluation.reference import RealReference
 from evaluation.report import plot_sweep, result_tables, sweep_table
@@ -38,59 +40,71 @@ from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
-from text2digit import Request, Text2Digit, add_guidance_interval_flag
+from text2digit import Request, Text2Digit, flag
 
 PICTURE_COLUMNS = 8
+# the SamplingOptions fields beyond those the file names and the report have always held
+OTHER_OPTIONS = tuple(f.name for f in fields(SamplingOptions) if f.name not in ("sampler", "steps", "guidance_scale"))
 
 
 def parse_scales(text: str) -> list[float]:
     try:
-        scales = [float(s) for s in text.split(",")]
+        return [float(s) for s in text.split(",")]
     except ValueError:
         raise UserError(f"--guidance_scale must be a number or a comma list like 1,2,4,8, got {text!r}") from None
-    if any(s < 0 for s in scales):
-        raise UserError(f"--guidance_scale values must be >= 0, got {text!r}")
-    return scales
 
 
-def parse_args(argv: list[str]):
+def build_parser() -> CliParser:
     p = CliParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
     p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="training output folder")
+    # evaluate's own forms of two request fields: a count per digit and prompt set, and a sweep of scales
     p.add_argument("--num_samples", type=int, default=100, help="images per digit for each prompt set")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
-    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps")
     p.add_argument(
         "--guidance_scale",
         default=f"{DEFAULT_SAMPLING.guidance_scale:g}",
         help="classifier-free guidance scale, or a comma list to sweep",
     )
+    add_flags(p, SamplingOptions, skip=("guidance_scale",))  # --sampler, --steps, ... as in sample.py
+    add_flags(p, Request, only=("seed",))
     p.add_argument(
         "--style_samples",
         type=int,
         default=20,
         help="images per style prompt (a thick 7, ...) for a model trained on style captions; 0: none",
     )
-    add_guidance_interval_flag(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    args = p.parse_args(argv)
-    require_positive(args, ("num_samples", "steps", "batch_size"))
+    return p
+
+
+def parse_args(argv: list[str]):
+    """The flags, every value checked before any work (the sampling options by their declared rules)."""
+    args = build_parser().parse_args(argv)
+    require_positive(args, ("num_samples", "batch_size"))
     if args.style_samples < 0:
         raise UserError(f"--style_samples must be >= 0, got {args.style_samples}")
     args.guidance_scale = parse_scales(args.guidance_scale)
+    with refused_as(flag):  # every value checked by the declaration's rules, before any work
+        Request((), seed=args.seed)
+        fixed = flag_values(args, SamplingOptions, skip=("guidance_scale",))
+        args.options = [SamplingOptions(**fixed, guidance_scale=scale) for scale in args.guidance_scale]
     return args
 
 
 def output_path(args, checkpoint: Path, suffix: str) -> Path:
     """Beside the checkpoint, named by the settings, so runs with other settings do not overwrite it."""
     scales = "-".join(f"{s:g}" for s in args.guidance_scale)
+    others = "".join(  # the other options, only where they differ from the defaults (the names stay as they were)
+        f"_{name}{shown(getattr(args.options[0], name)).replace(' ', '-')}"
+        for name in OTHER_OPTIONS
+        if getattr(args.options[0], name) != getattr(DEFAULT_SAMPLING, name)
+    )
     return checkpoint.with_name(
         f"{checkpoint.stem}_eval_{args.sampler}_{args.steps}steps_cfg{scales}"
-        f"_n{args.num_samples}_seed{args.seed}{suffix}"
+        f"_n{args.num_samples}_seed{args.seed}{others}{suffix}"
     )
 
 
@@ -126,6 +140,7 @@ def build_report(
         "sampler": args.sampler,
         "steps": args.steps,
         "guidance_scales": args.guidance_scale,
+        "options": {name: to_json(getattr(args.options[0], name)) for name in OTHER_OPTIONS},
         "seed": args.seed,
         "num_samples_per_digit": args.num_samples,
         "batch_size": args.batch_size,
@@ -169,15 +184,12 @@ def style_picture(sample, vocabulary: Vocabulary) -> Callable[[Path], None]:
     return partial(save_grid, list(images), [f'"{p}"' for p in prompts])
 
 
-def evaluate_scale(pipe: Text2Digit, scale: float, plan, references, args) -> tuple[dict, Callable | None]:
+def evaluate_scale(pipe: Text2Digit, options: SamplingOptions, plan, references, args) -> tuple[dict, Callable | None]:
     """One guidance scale's scores, printed, and the writer of its style picture (None without styles)."""
     judge, reference, styles = references
     t0 = time.perf_counter()
-    options = DEFAULT_SAMPLING.replace(
-        sampler=args.sampler, steps=args.steps, guidance_scale=scale, guidance_interval=tuple(args.guidance_interval)
-    )
     images = sample_plan(pipe, plan.prompts, options, args)[:, 0]
-    result, picture = {"guidance_scale": scale, **score(images, plan, judge, reference)}, None
+    result, picture = {"guidance_scale": options.guidance_scale, **score(images, plan, judge, reference)}, None
     if styles is not None:
         sample = style_sampler(pipe, options, args)
         result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
@@ -206,8 +218,8 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     """Sample, score and report ``path``'s model at every guidance scale asked for."""
     pipe = Text2Digit(load_trained_model(path, device), args.bf16)
     model = pipe.model
-    if args.steps > model.diffusion.num_steps:
-        raise UserError(f"--steps {args.steps} exceeds the model's {model.diffusion.num_steps} training timesteps")
+    with refused_as(flag):
+        args.options[0].check_model(model.diffusion.num_train_timesteps)
     record = judge_record()  # read now: a missing record fails before sampling, not after
     judge, reference = judge_and_reference(args.data_dir, device)
     vocabulary = vocabulary_named(model.saved.vocabulary.name)  # the captions the model was trained on
@@ -221,11 +233,11 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     )
 
     results, pictures = [], {}
-    for scale in args.guidance_scale:
-        result, picture = evaluate_scale(pipe, scale, plan, (judge, reference, styles), args)
+    for options in args.options:
+        result, picture = evaluate_scale(pipe, options, plan, (judge, reference, styles), args)
         results.append(result)
         if picture is not None:
-            pictures[output_path(args, path, f"_styles_cfg{scale:g}.png")] = picture
+            pictures[output_path(args, path, f"_styles_cfg{options.guidance_scale:g}.png")] = picture
 
     if len(results) > 1:
         print(f"### guidance sweep\n\n{sweep_table(results)}\n")

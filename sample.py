@@ -21,21 +21,23 @@ from pathlib import Path
 from data.captions import EMPTY_PROMPT
 from data.images import save_grid, save_images
 from data.trajectory import TrajectoryRecorder
-from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS
+from ddpm import DEFAULT_BATCH_SIZE, SamplingOptions
+from ddpm.options import add_flags, flag_values, refused_as
 from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, latest_checkpoint, no_checkpoint_error, shipped_record
 from models.loading import load_trained_model
 from runtime.devices import PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import writable_folder
-from runtime.flags import CliParser
-from text2digit import InvalidRequest, Request, Text2Digit, add_guidance_interval_flag, make_options
+from runtime.flags import CliParser, require_positive
+from text2digit import Request, Text2Digit, flag, make_request
 
 ROOT = Path(__file__).resolve().parent
 
 
 def build_parser() -> CliParser:
     p = CliParser(prog="sample.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several rows")
+    add_flags(p, Request)  # --prompt, --num_samples, --seed, --negative_prompt, --allow_truncation
+    add_flags(p, SamplingOptions)  # --sampler, --steps, --guidance_scale, ...
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
     p.add_argument(
         "--output_dir",
@@ -43,34 +45,12 @@ def build_parser() -> CliParser:
         help=f"training output folder (default {DEFAULT_OUTPUT_DIR}; when not given and it holds no checkpoint, "
         "the shipped model samples)",
     )
-    p.add_argument("--num_samples", type=int, default=8, help="images per prompt")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLING.sampler)
-    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps, help="sampling steps (network calls per image)")
-    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as ancestral DDPM; ddim only")
     p.add_argument(
-        "--spacing", choices=SPACINGS, default=DEFAULT_SAMPLING.spacing, help="which timesteps the steps visit"
+        "--batch_size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="images per forward pass (does not change the images)",
     )
-    p.add_argument(
-        "--threshold",
-        choices=THRESHOLDS,
-        default=DEFAULT_SAMPLING.threshold,
-        help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding",
-    )
-    p.add_argument(
-        "--guidance_scale", type=float, default=DEFAULT_SAMPLING.guidance_scale, help="classifier-free guidance scale s"
-    )
-    p.add_argument(
-        "--negative_prompt",
-        default=EMPTY_PROMPT,
-        help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half",
-    )
-    p.add_argument(
-        "--allow_truncation",
-        action="store_true",
-        help="accept prompts longer than the text encoder's 8 tokens, cut to their first words",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (does not change the images)")
     p.add_argument("--out", type=Path, help="PNG path (default: <output_dir>/samples/sample_<prompt>_seed<seed>.png)")
     p.add_argument(
         "--save_individual",
@@ -93,7 +73,6 @@ def build_parser() -> CliParser:
         "(auto: where the hardware does it natively) is ~2x faster on such CPUs, but its pixels "
         "then vary slightly with the batch size",
     )
-    add_guidance_interval_flag(p)
     return p
 
 
@@ -104,30 +83,12 @@ def parse_args(argv: list[str]):
     args.output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
-    try:
-        options = make_options(
-            args.sampler,
-            guidance_interval=tuple(args.guidance_interval),
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            spacing=args.spacing,
-            threshold=args.threshold,
-            eta=args.eta,
-        )
-        args.request = Request(
-            tuple(args.prompt), args.num_samples, options, args.seed, args.negative_prompt, args.allow_truncation
-        )
+    with refused_as(flag):
+        values = {**flag_values(args, Request), **flag_values(args, SamplingOptions)}
+        args.request = make_request(**values)
         args.warnings = args.request.validate()
-    except InvalidRequest as err:
-        raise UserError(err.render(flag)) from None
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    require_positive(args, ("batch_size",))
     return args
-
-
-def flag(name: str) -> str:
-    """A pipeline parameter's command-line spelling."""
-    return "--prompt" if name == "prompts" else f"--{name}"
 
 
 def slug(text: str) -> str:
@@ -135,7 +96,7 @@ def slug(text: str) -> str:
 
 
 def default_out(args) -> Path:
-    return args.output_dir / "samples" / f"sample_{slug('_'.join(args.prompt))}_seed{args.seed}.png"
+    return args.output_dir / "samples" / f"sample_{slug('_'.join(args.prompts))}_seed{args.seed}.png"
 
 
 def output_paths(args, out: Path) -> tuple[Path, Path | None, Path | None]:
@@ -185,17 +146,17 @@ def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> No
     warn_about_negative_prompt(args)
     recorder = TrajectoryRecorder(args.steps) if gif else None
     start = time.perf_counter()
-    try:
+    with refused_as(flag):  # what only the model can tell: its number of timesteps
         digits = pipe.generate(args.request, callback=recorder, batch_size=args.batch_size)
-    except InvalidRequest as err:  # what only the model can tell: its number of timesteps
-        raise UserError(err.render(flag)) from None
     elapsed = time.perf_counter() - start
-    save_grid(list(digits), [f'"{p}"' for p in args.prompt], out)
+    save_grid(list(digits), [f'"{p}"' for p in args.prompts], out)
     flat = digits.reshape(-1, *digits.shape[2:])
     if folder:
-        save_images(flat, [f"{i:04d}_{slug(args.prompt[i // args.num_samples])}.png" for i in range(len(flat))], folder)
+        save_images(
+            flat, [f"{i:04d}_{slug(args.prompts[i // args.num_samples])}.png" for i in range(len(flat))], folder
+        )
     if recorder:
-        recorder.save_gif(flat, args.prompt, gif)
+        recorder.save_gif(flat, args.prompts, gif)
     print(
         f"{len(flat)} images from {path} (epoch {pipe.model.epoch}) with {args.sampler}, {args.steps} steps "
         f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, "

@@ -3,13 +3,16 @@
     python serve.py                                   # http://127.0.0.1:8000, the model that ships with the repo
     python serve.py --port 8080 --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt
     python serve.py --port 0                          # any free port (the printed line names it)
+    python serve.py --steps 10 --sampler ddim         # the page's defaults: every sampling option is a flag
 
 The model is loaded once; requests queue for one worker thread that samples them one at a time, in
 order of arrival. The API (the page in web/ is its only client, but any HTTP client will do):
 
-- ``GET /api/config``: the samplers, the form's defaults, the limits and the model, as JSON.
+- ``GET /api/config``: the samplers, the defaults of every body field (serve.py's flags set them), the
+  limits and the model, as JSON.
 - ``GET /api/status``: the worker's counts: ``pending`` (queued or running), ``served``, ``cancelled``, ``failed``.
-- ``POST /api/generate`` with a JSON object (``GenerateBody``: ``prompt`` is required) answers with
+- ``POST /api/generate`` with a JSON object (:class:`Body`: ``prompt`` is required; the other fields are
+  the pipeline's request and sampling options, under the names sample.py's flags have) answers with
   server-sent events, each ``data`` one JSON object:
   ``queued`` {job, ahead} at once; ``start`` {steps, num_samples} when the worker takes it;
   ``frame`` {step, t, x_t, x0} after every network call; then ``done`` {seconds, images} or
@@ -20,8 +23,6 @@ order of arrival. The API (the page in web/ is its only client, but any HTTP cli
 A client that disconnects has its generation stopped at the next step (the step callback raises),
 and the worker moves on to the next request.
 """
-
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -34,11 +35,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_origin
 
 import numpy as np
 import torch
@@ -49,14 +50,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from data.captions import EMPTY_PROMPT
-from ddpm import DEFAULT_SAMPLING, SAMPLERS
+from ddpm import SAMPLERS, SamplingOptions
+from ddpm.options import add_flags, declared, field_type, flag_values, from_json, refused_as, to_json
 from runtime.devices import PRECISION_HELP, PRECISIONS
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser
-from text2digit import InvalidRequest, OutOfRange, Request, Text2Digit, make_options
+from text2digit import InvalidRequest, Request, Text2Digit, flag, make_request, spelled
 
 ROOT = Path(__file__).resolve().parent
 WEB = ROOT / "web"
@@ -65,41 +66,52 @@ FINAL_EVENTS = ("done", "error")
 log = logging.getLogger("text2digit.serve")
 
 
-class GenerateBody(BaseModel):
-    """The JSON body of ``POST /api/generate`` (the page's form). Strict: "20" is not a number, and
-    unknown fields are refused, so a typo never silently falls back to a default."""
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Body(BaseModel):
+    """The JSON body of ``POST /api/generate`` (the page's form): a prompt, and the other fields of the
+    pipeline's Request and SamplingOptions under their own names (:func:`body_model` makes it from them).
+    Strict: "20" is not a number, and unknown fields are refused, so a typo never silently falls back to a
+    default. An interval's open end is null in JSON (which has no infinity): ``"guidance_interval": [2, null]``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
-    negative_prompt: str = EMPTY_PROMPT
-    guidance_scale: float = Field(DEFAULT_SAMPLING.guidance_scale, allow_inf_nan=False)
-    steps: int = DEFAULT_SAMPLING.steps
-    sampler: str = DEFAULT_SAMPLING.sampler
-    seed: int = 0
-    num_samples: int = 8
-    allow_truncation: bool = False
-
     def to_request(self, num_train_timesteps: int) -> Request:
         """The pipeline's request, checked by its rules and the page's limits (InvalidRequest otherwise)."""
-        if self.num_samples > MAX_DIGITS:
-            raise OutOfRange(
-                "num_samples",
-                "{num_samples} must be at most {most}, got {value}",
-                most=MAX_DIGITS,
-                value=self.num_samples,
-            )
-        options = make_options(self.sampler, steps=self.steps, guidance_scale=self.guidance_scale)
-        request = Request(
-            (self.prompt,), self.num_samples, options, self.seed, self.negative_prompt, self.allow_truncation
-        )
-        request.validate(num_train_timesteps)
+        values = {FIELDS[name]: from_json(value) for name, value in self.model_dump().items()}
+        request = make_request(**values)
+        request.validate(num_train_timesteps, max_images=MAX_DIGITS)
         return request
 
 
-def api_name(parameter: str) -> str:
-    """A pipeline parameter as the API spells it (messages name the field to fix)."""
-    return "prompt" if parameter == "prompts" else parameter
+def api_type(cls: type, name: str) -> Any:
+    """The strict JSON type of field ``name`` of ``cls``: numbers finite, a pair's second item null for inf."""
+    kind, optional = field_type(cls, name)
+    if kind is float:
+        kind = FiniteFloat
+    elif get_origin(kind) is tuple:  # a JSON array (strict would take only Python tuples); its items stay strict
+        kind = Annotated[tuple[FiniteFloat, FiniteFloat | None], Field(strict=False)]
+    return kind | None if optional else kind
+
+
+def body_model(defaults: Mapping[str, Any] | None = None) -> type[Body]:
+    """The API body, made from the declaration (text2digit.Request and ddpm.SamplingOptions); ``defaults``
+    (by field name) replace declared defaults: serve.py's flags set the page's."""
+    fields: dict[str, Any] = {}
+    for cls in (Request, SamplingOptions):
+        for f, rule in declared(cls):
+            if f.name == "prompts":  # required, and one at a time: the page draws one prompt's grid
+                fields[spelled(f.name)] = (str, Field(description=rule.help))
+            else:
+                default = to_json((defaults or {}).get(f.name, f.default))
+                fields[spelled(f.name)] = (api_type(cls, f.name), Field(default, description=rule.help))
+    return create_model("GenerateBody", __base__=Body, **fields)
+
+
+FIELDS = {spelled(f.name): f.name for cls in (Request, SamplingOptions) for f, _ in declared(cls)}
+GenerateBody = body_model()  # with the declared defaults
+api_name = spelled  # a pipeline parameter as the API spells it (messages name the field to fix)
 
 
 def encode_images(images: np.ndarray) -> str:
@@ -217,14 +229,15 @@ def describe(pipe: Text2Digit) -> str:
     return f"{shown}, epoch {pipe.model.epoch}, {'bf16' if pipe.bf16 else 'fp32'} on {pipe.device}"
 
 
-def page_config(pipe: Text2Digit) -> dict:
-    """What the page builds its form from: choices, defaults and limits."""
-    defaults = {name: f.default for name, f in GenerateBody.model_fields.items() if not f.is_required()}
+def page_config(pipe: Text2Digit, body: type[Body]) -> dict:
+    """What the page builds its form from: choices, defaults (every field of the API body but the prompt)
+    and limits."""
+    defaults = {name: f.default for name, f in body.model_fields.items() if not f.is_required()}
     return {
         "model": describe(pipe),
         "samplers": list(SAMPLERS),
         "defaults": defaults,
-        "limits": {"max_steps": pipe.model.diffusion.num_steps, "max_digits": MAX_DIGITS},
+        "limits": {"max_steps": pipe.model.diffusion.num_train_timesteps, "max_digits": MAX_DIGITS},
     }
 
 
@@ -251,15 +264,12 @@ async def malformed_request(_, err: RequestValidationError) -> JSONResponse:
     return refusal(message + more, name, 422)
 
 
-def checked(body: GenerateBody, http: HttpRequest) -> Request:
-    """The request to sample, as a dependency: it runs, and may refuse, before the event stream opens."""
-    return body.to_request(http.app.state.num_train_timesteps)
-
-
-def create_app(pipe: Text2Digit, threads: int = 0) -> FastAPI:
-    """The page and its API around a loaded pipeline; ``threads`` (0: leave torch's setting) for sampling."""
+def create_app(pipe: Text2Digit, threads: int = 0, defaults: Mapping[str, Any] | None = None) -> FastAPI:
+    """The page and its API around a loaded pipeline; ``threads`` (0: leave torch's setting) for sampling;
+    ``defaults`` (by field name) those of the API body and the page's form, where not the declared ones."""
     worker = Worker(pipe, threads)
-    config = page_config(pipe)
+    body = body_model(defaults)
+    config = page_config(pipe, body)
     job_ids = itertools.count(1)
 
     @asynccontextmanager
@@ -269,9 +279,13 @@ def create_app(pipe: Text2Digit, threads: int = 0) -> FastAPI:
         worker.stop()
 
     app = FastAPI(title="text2digit", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.num_train_timesteps = pipe.model.diffusion.num_steps
+    app.state.num_train_timesteps = pipe.model.diffusion.num_train_timesteps
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, malformed_request)
+
+    def checked(body: body, http: HttpRequest) -> Request:  # this app's body: annotations evaluate here
+        """The request to sample, as a dependency: it runs, and may refuse, before the event stream opens."""
+        return body.to_request(http.app.state.num_train_timesteps)
 
     @app.get("/api/config")
     def get_config() -> dict:
@@ -327,6 +341,8 @@ def url_of(sock: socket.socket) -> str:
 
 def build_parser() -> CliParser:
     p = CliParser(prog="serve.py", description=__doc__.split("\n\n")[0])
+    add_flags(p, Request, skip=("prompts",))  # the page's defaults: --num_samples, --seed, ...
+    add_flags(p, SamplingOptions)  # --sampler, --steps, --guidance_scale, ...
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint to sample from (default: the shipped model)")
@@ -342,13 +358,25 @@ def build_parser() -> CliParser:
     return p
 
 
-def main() -> None:
-    args = build_parser().parse_args(sys.argv[1:])
+def parse_args(argv: list[str]):
+    """The flags; the page's defaults they set are checked as a request would be, before any work."""
+    args = build_parser().parse_args(argv)
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0, got {args.threads}")
+    args.defaults = {**flag_values(args, Request, skip=("prompts",)), **flag_values(args, SamplingOptions)}
+    with refused_as(flag):
+        args.example = make_request("0", **args.defaults)  # the page's defaults with a prompt
+        args.example.validate(max_images=MAX_DIGITS)
+    return args
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
     sock = listening_socket(args.host, args.port)
     pipe = Text2Digit.from_checkpoint(args.checkpoint, args.device, args.precision)
-    app = create_app(pipe, args.threads)
+    with refused_as(flag):
+        args.example.validate(pipe.model.diffusion.num_train_timesteps, MAX_DIGITS)
+    app = create_app(pipe, args.threads, args.defaults)
     print(f"serving text2digit on {url_of(sock)} (model: {describe(pipe)})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])

@@ -6,14 +6,16 @@
     digits = pipe(["a thick 7", "3"], num_samples=8, steps=20, seed=0)   # uint8 [2, 8, 28, 28]
     images = pipe("7", negative_prompt="thick", output="pil")     # [[8 PIL images]]
 
-Every request is checked in one place (:class:`Request`): prompts that are empty or longer than the
-text encoder's 8 tokens, and values out of range, raise :class:`InvalidRequest` subclasses whose
-message names the input; the command lines spell those names as their flags. sample.py,
+Every request is checked in one place: the rules declared with its fields (:class:`Request` and
+``ddpm.SamplingOptions``), plus :meth:`Request.validate` for prompts that are empty or longer than the
+text encoder's 8 tokens. A bad input raises an :class:`InvalidRequest` subclass whose message names it;
+the command lines spell those names as their flags, the page's API as its fields. sample.py,
 evaluate.py and serve.py all sample through this class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +28,15 @@ from data.captions import EMPTY_PROMPT
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE
 from data.tokens import CONTEXT_LENGTH, truncated_prompt
-from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, SamplingOptions, generate
+from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions, generate
+from ddpm.options import InvalidRequest, OutOfRange, check, front_name, option
 from models.checkpoint import SHIPPED
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import pick_device, use_bf16
-from runtime.errors import UserError
 
 # step index, timestep, x_t and the x0 prediction of the batch being sampled (uint8 [B, 28, 28])
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 MAX_IMAGES = 4096  # per request: beyond this, split it (memory and time grow linearly)
-
-
-class InvalidRequest(UserError):
-    """A request the pipeline refuses. ``field`` is the input at fault; the message names inputs by
-    their parameter names, and :meth:`render` spells them otherwise (as ``--flags``, say)."""
-
-    def __init__(self, field: str, template: str, **values: object):
-        self.field, self.template, self.values = field, template, values
-        super().__init__(self.render(lambda name: name))
-
-    def render(self, spell: Callable[[str], str]) -> str:
-        return self.template.format_map(_Names(spell, self.values))
 
 
 class EmptyPrompt(InvalidRequest):
@@ -57,70 +47,60 @@ class PromptTooLong(InvalidRequest):
     """A prompt the text encoder would cut, and truncation was not allowed."""
 
 
-class OutOfRange(InvalidRequest):
-    """A number outside what the sampler or the model can take."""
-
-
-class _Names(dict):
-    def __init__(self, spell: Callable[[str], str], values: dict):
-        super().__init__(values)
-        self.spell = spell
-
-    def __missing__(self, key: str) -> str:
-        return self.spell(key)
-
-
 @dataclass(frozen=True)
 class Request:
     """What to sample: ``num_samples`` images of each of ``prompts``, as ``options`` say, from ``seed``.
+
+    With :class:`ddpm.SamplingOptions`, the single declaration of what a request takes: each field's
+    default, help text and rule (ddpm/options.py), from which sample.py's and serve.py's flags and the
+    page's API body are made. Constructing a request checks its values; :meth:`validate` then its prompts.
 
     Image i of the request depends only on (seed, i); with ``shared_noise`` image j of every prompt
     starts from the same noise, so that only the words differ between rows.
     """
 
-    prompts: tuple[str, ...]
-    num_samples: int = 8
+    prompts: tuple[str, ...] = option(help="text prompt; repeat for several rows", name="prompt")
+    num_samples: int = option(8, help="images per prompt", low=1)
     options: SamplingOptions = DEFAULT_SAMPLING
-    seed: int = 0
-    negative_prompt: str = EMPTY_PROMPT
-    allow_truncation: bool = False
+    # the per-image generators are seeded through NumPy's SeedSequence, which takes no negative seed
+    seed: int = option(0, help="image i of a request depends only on the seed and i", low=0)
+    negative_prompt: str = option(
+        EMPTY_PROMPT, help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half"
+    )
+    allow_truncation: bool = option(
+        False, help=f"accept prompts longer than the text encoder's {CONTEXT_LENGTH} tokens, cut to their first words"
+    )
     shared_noise: bool = False
 
-    def validate(self, num_train_timesteps: int | None = None) -> list[str]:
-        """Raise InvalidRequest for the first bad input; the warnings to show otherwise."""
+    def __post_init__(self) -> None:
+        check(self)
+
+    def validate(self, num_train_timesteps: int | None = None, max_images: int = MAX_IMAGES) -> list[str]:
+        """Raise InvalidRequest for the first bad input; the warnings to show otherwise. ``max_images``
+        caps the request's images (a server takes fewer), and a model's ``num_train_timesteps`` its steps."""
         if not self.prompts:
             raise EmptyPrompt("prompts", '{prompts} holds no prompt; give the digit to draw, e.g. {prompts} "7"')
         for prompt in self.prompts:
             if not prompt.strip():
                 raise EmptyPrompt("prompts", '{prompts} is empty; give the digit to draw, e.g. {prompts} "7"')
-        self._check_numbers(num_train_timesteps)
+        self._check_size(max_images)
+        if num_train_timesteps is not None:
+            self.options.check_model(num_train_timesteps)
         named = [*(("prompts", p) for p in self.prompts), ("negative_prompt", self.negative_prompt)]
         return [self._check_length(p, field) for field, p in named if truncated_prompt(p) is not None]
 
-    def _check_numbers(self, num_train_timesteps: int | None) -> None:
-        o = self.options
-        for field, value in (("num_samples", self.num_samples), ("steps", o.steps)):
-            if value < 1:
-                raise OutOfRange(field, "{" + field + "} must be at least 1, got {value}", value=value)
-        if self.num_samples * len(self.prompts) > MAX_IMAGES:
+    def _check_size(self, max_images: int) -> None:
+        images = self.num_samples * len(self.prompts)
+        if images <= max_images:
+            return
+        if len(self.prompts) == 1:
             raise OutOfRange(
-                "num_samples",
-                f"{{num_samples}} x prompts is {self.num_samples * len(self.prompts)} "
-                f"images; ask for at most {MAX_IMAGES} at once",
+                "num_samples", "{num_samples} must be at most {most}, got {value}", most=max_images, value=images
             )
-        if self.seed < 0:  # the per-image generators are seeded through NumPy's SeedSequence
-            raise OutOfRange("seed", "{seed} must be >= 0, got {value}", value=self.seed)
-        if not o.guidance_scale >= 0:
-            raise OutOfRange("guidance_scale", "{guidance_scale} must be >= 0, got {value}", value=o.guidance_scale)
-        if o.eta is not None and not o.eta >= 0:
-            raise OutOfRange("eta", "{eta} must be >= 0, got {value}", value=o.eta)
-        if num_train_timesteps is not None and o.steps > num_train_timesteps:
-            raise OutOfRange(
-                "steps",
-                "{steps} {value} exceeds the model's {t} training timesteps",
-                value=o.steps,
-                t=num_train_timesteps,
-            )
+        raise OutOfRange(
+            "num_samples",
+            f"{{num_samples}} x prompts is {images} images; ask for at most {max_images} at once",
+        )
 
     def _check_length(self, prompt: str, field: str) -> str:
         kept = truncated_prompt(prompt)
@@ -136,40 +116,23 @@ class Request:
         return f"prompt {prompt!r} was truncated to {CONTEXT_LENGTH} tokens: {kept!r}"
 
 
-def make_options(sampler: str = DEFAULT_SAMPLING.sampler, **values) -> SamplingOptions:
-    """SamplingOptions from keyword values, a bad choice or combination raising InvalidRequest."""
-    for field, known in (("sampler", SAMPLERS), ("spacing", SPACINGS), ("threshold", THRESHOLDS)):
-        value = sampler if field == "sampler" else values.get(field, getattr(DEFAULT_SAMPLING, field))
-        if value not in known:
-            raise OutOfRange(
-                field, "{" + field + "} must be one of " + ", ".join(known) + ", got {value!r}", value=value
-            )
-    interval = values.get("guidance_interval")
-    if interval is not None and not 0 <= interval[0] < interval[1]:
-        raise OutOfRange(
-            "guidance_interval",
-            "{guidance_interval} must be two noise levels 0 <= low < high, got {value}",
-            value=" ".join(f"{x:g}" for x in interval),
-        )
-    if values.get("eta") is not None and sampler != "ddim":
-        raise OutOfRange(
-            "eta", "{eta} only applies to {sampler} ddim, not {value}; drop {eta} or use {sampler} ddim", value=sampler
-        )
-    return DEFAULT_SAMPLING.replace(sampler=sampler, **values)
+def make_request(prompts: str | Sequence[str], **values) -> Request:
+    """A request from flat keyword values: the Request's own fields and SamplingOptions' (sampler, steps, ...),
+    each checked by its declared rule (OutOfRange otherwise); an unknown name is a TypeError."""
+    option_names = {f.name for f in dataclasses.fields(SamplingOptions)}
+    options = SamplingOptions(**{name: value for name, value in values.items() if name in option_names})
+    own = {name: value for name, value in values.items() if name not in option_names}
+    return Request((prompts,) if isinstance(prompts, str) else tuple(prompts), options=options, **own)
 
 
-def add_guidance_interval_flag(parser) -> None:
-    """The commands' ``--guidance_interval LOW HIGH`` flag (the pipeline's ``guidance_interval``)."""
-    low, high = DEFAULT_SAMPLING.guidance_interval
-    parser.add_argument(
-        "--guidance_interval",
-        nargs=2,
-        type=float,
-        metavar=("LOW", "HIGH"),
-        default=(low, high),
-        help=f"guide only at noise levels LOW < sigma_t <= HIGH (default {low:g} {high:g}: the "
-        "high-noise steps; 0 inf guides every step), Kynkaanniemi et al. 2024",
-    )
+def spelled(name: str) -> str:
+    """A request field (or SamplingOptions field) as the commands and the API name it: prompts is "prompt"."""
+    return front_name(Request, name)
+
+
+def flag(name: str) -> str:
+    """A request field's command-line spelling."""
+    return f"--{spelled(name)}"
 
 
 class Text2Digit:
@@ -197,40 +160,27 @@ class Text2Digit:
     def __call__(
         self,
         prompts: str | Sequence[str],
-        num_samples: int = 8,
         *,
-        seed: int = 0,
-        negative_prompt: str = EMPTY_PROMPT,
-        allow_truncation: bool = False,
-        shared_noise: bool = False,
         callback: StepCallback | None = None,
         output: str = "numpy",
-        **options,
+        **values,
     ):
-        """Sample ``num_samples`` digits of each prompt: uint8 [prompts, num_samples, 28, 28], or with
-        ``output="pil"`` per prompt a list of PIL images. ``options`` are SamplingOptions fields (sampler, steps,
-        guidance_scale, spacing, threshold, eta)."""
-        request = Request(
-            (prompts,) if isinstance(prompts, str) else tuple(prompts),
-            num_samples,
-            make_options(**options),
-            seed,
-            negative_prompt,
-            allow_truncation,
-            shared_noise,
-        )
-        images = self.generate(request, callback=callback)
+        """Sample digits of each prompt: uint8 [prompts, num_samples, 28, 28], or with ``output="pil"`` per prompt
+        a list of PIL images. ``values`` are fields of :class:`Request` (num_samples, seed, negative_prompt,
+        allow_truncation, shared_noise) and of :class:`ddpm.SamplingOptions` (sampler, steps, guidance_scale, ...),
+        each defaulting to its declared default."""
+        images = self.generate(make_request(prompts, **values), callback=callback)
         return [[Image.fromarray(image) for image in row] for row in images] if output == "pil" else images
 
     def generate(
         self,
         request: Request,
         callback: StepCallback | None = None,
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """uint8 [prompts, num_samples, 28, 28] for a request (validated here)."""
-        request.validate(self.model.diffusion.num_steps)
+        request.validate(self.model.diffusion.num_train_timesteps)
         unique = list(dict.fromkeys(request.prompts))  # each prompt encoded once, however often it is asked for
         tokens, _ = self.model.encoder.encode([*unique, request.negative_prompt])
         rows = torch.tensor([unique.index(p) for p in request.prompts], device=tokens.device)

@@ -22,7 +22,17 @@ import torch
 from data.captions import EMPTY_PROMPT, plan_prompts, vocabulary_named
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS, TEXT_DIM, TEXT_TOKENS
-from ddpm import DEFAULT_SAMPLING, SAMPLERS, SPACINGS, THRESHOLDS, GaussianDiffusion, generate, prompt_contexts
+from ddpm import (
+    DEFAULT_SAMPLING,
+    SAMPLERS,
+    SPACINGS,
+    THRESHOLDS,
+    GaussianDiffusion,
+    SamplingOptions,
+    generate,
+    prompt_contexts,
+)
+from ddpm.options import add_flags
 from evaluation.judge import judge_images, load_judge
 from evaluation.metrics import conditional_accuracy
 from models.loading import load_trained_model
@@ -30,7 +40,6 @@ from models.unet import UNet
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser
-from text2digit import add_guidance_interval_flag
 from training.config import TrainConfig
 
 DEFAULT_STEPS = "10,20,50,100,1000"
@@ -57,7 +66,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--device", default="cpu", help="cpu (the benchmark's setting) or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
-    add_guidance_interval_flag(p)
+    add_flags(p, SamplingOptions, only=("guidance_interval",))
     args = p.parse_args(argv)
     args.samplers = comma_list(args.samplers, str, "--samplers")
     args.steps = comma_list(args.steps, int, "--steps")
@@ -105,8 +114,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     net, diffusion, cond, uncond, digits, what = build(args, device)
-    if max(args.steps) > diffusion.num_steps:
-        raise UserError(f"--steps {max(args.steps)} exceeds the model's {diffusion.num_steps} training timesteps")
+    if max(args.steps) > diffusion.num_train_timesteps:
+        raise UserError(
+            f"--steps {max(args.steps)} exceeds the model's {diffusion.num_train_timesteps} training timesteps"
+        )
     judge = load_judge(device=device) if digits is not None else None
     bf16 = use_bf16(args.precision, device)
     options = DEFAULT_SAMPLING.replace(

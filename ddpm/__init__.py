@@ -1,12 +1,20 @@
 """Diffusion math and samplers, independent of any network."""
 
 from ddpm.diffusion import PREDICTIONS, DiffusionConfig, GaussianDiffusion
-from ddpm.generation import DEFAULT_SAMPLING, SamplingOptions, generate, image_generator, prompt_contexts
+from ddpm.generation import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SAMPLING,
+    SamplingOptions,
+    generate,
+    image_generator,
+    prompt_contexts,
+)
 from ddpm.guidance import classifier_free_guidance
 from ddpm.samplers import SAMPLERS, SPACINGS, THRESHOLDS, randn_like, sampling_timesteps, threshold_x0
 from ddpm.schedule import cosine_beta_schedule
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_SAMPLING",
     "PREDICTIONS",
     "SAMPLERS",

@@ -6,6 +6,7 @@ applied, so a bf16 or fp32 model never sees rounding in alpha_bar near t = T.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ class DiffusionConfig:
 
 
 class GaussianDiffusion:
-    """Schedule arithmetic for a discrete-time DDPM with ``len(betas)`` steps.
+    """Schedule arithmetic for a discrete-time DDPM with ``num_train_timesteps = len(betas)`` steps.
 
     ``prediction`` is what the network outputs: ``"eps"`` (the noise, as in DDPM) or ``"v"``
     (v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0, Salimans & Ho 2022). Samplers only
@@ -39,15 +40,8 @@ class GaussianDiffusion:
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         self.prediction = prediction
-        self.num_steps = len(betas)
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
-        # q(x_{t-1} | x_t, x_0), DDPM eq. 6-7.
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.num_train_timesteps = len(betas)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> GaussianDiffusion:
@@ -64,15 +58,24 @@ class GaussianDiffusion:
         ab = self.alphas_cumprod
         return self._at(ab.sqrt(), t, x0) * x0 + self._at((1 - ab).sqrt(), t, x0) * noise
 
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(x_{t-1} | x_t, x_0), DDPM eq. 6-7."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_variance, t, x_t).expand_as(x_t)
+    def alpha_bar(self, t: int) -> float:
+        """alpha_bar_t as a float64 Python number; t = -1 stands for clean data (alpha_bar = 1)."""
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert eq. 4 for x_0 given the noise: (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
-        ab = self.alphas_cumprod
-        return self._at(ab.rsqrt(), t, x_t) * x_t - self._at((1 / ab - 1).sqrt(), t, x_t) * eps
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: int, s: int) -> tuple[torch.Tensor, float]:
+        """Mean and variance of q(x_s | x_t, x_0) for timesteps t > s (s = -1: clean data), the whole batch at t.
+
+        DDPM eq. 6-7 for the chain that jumps from s to t, whose one step has beta = 1 - alpha_bar_t /
+        alpha_bar_s (respacing, Nichol & Dhariwal 2021 section 4): mean = (sqrt(alpha_bar_s) beta x_0 +
+        sqrt(1 - beta) (1 - alpha_bar_s) x_t) / (1 - alpha_bar_t), variance = beta (1 - alpha_bar_s) /
+        (1 - alpha_bar_t). With s = t - 1 it is eq. 6-7 itself; with s = -1 it is x_0, variance 0.
+        """
+        if not t > s >= -1:
+            raise ValueError(f"the posterior needs timesteps t > s >= -1, got t={t}, s={s}")
+        ab_t, ab_s = self.alpha_bar(t), self.alpha_bar(s)
+        beta = 1 - ab_t / ab_s
+        mean = (math.sqrt(ab_s) * beta * x0 + math.sqrt(1 - beta) * (1 - ab_s) * x_t) / (1 - ab_t)
+        return mean, beta * (1 - ab_s) / (1 - ab_t)
 
     def to_eps(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The noise implied by a network ``output`` of this diffusion's prediction type."""

@@ -1,7 +1,7 @@
 """Guided generation with one seed per image, shared by training, sampling, evaluation and the page.
 
 ``SamplingOptions`` holds how images are sampled, and its defaults are the project's: train.py's
-sample grids, sample.py, evaluate.py and the pipeline all start from ``DEFAULT_SAMPLING``.
+sample grids, sample.py, evaluate.py, serve.py and the pipeline all start from ``DEFAULT_SAMPLING``.
 """
 
 from __future__ import annotations
@@ -16,35 +16,60 @@ import torch
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.guidance import NetFn, classifier_free_guidance
+from ddpm.options import OutOfRange, check, option
 from ddpm.samplers import SAMPLERS, SPACINGS, THRESHOLDS, Callback
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """A sampler (``ddpm.samplers``), its network evaluations per image and spacing, the
-    classifier-free guidance scale and what is done to each x0 prediction (``threshold``).
-    ``eta`` is DDIM's noise (None: the sampler's default)."""
+    """How images are sampled: the single declaration of every sampling knob.
 
-    sampler: str = "dpmpp_2m"
-    steps: int = 20
-    guidance_scale: float = 6.0
-    spacing: str = "trailing"
-    threshold: str = "clip"
-    eta: float | None = None
-    # (sigma_lo, sigma_hi]: guide only there (ddpm/guidance.py); the default guides the high-noise steps,
-    # where the digit is decided, and leaves the strokes to the conditional model (see the README's Results)
-    guidance_interval: tuple[float, float] | None = (2.0, math.inf)
-    guidance_rescale: float = 0.0  # phi of guidance rescale (ddpm/guidance.py); 0 is plain CFG
+    Each field carries its default, help text and rule (ddpm/options.py): sample.py's, evaluate.py's and
+    serve.py's flags, the page's API body and the one check are all made from these fields, so a new
+    knob is one field here (and its test). Constructing options checks them (OutOfRange otherwise).
+    """
+
+    sampler: str = option("dpmpp_2m", help="the sampler (ddpm/samplers.py)", choices=tuple(SAMPLERS))
+    steps: int = option(20, help="sampling steps (network calls per image)", low=1)
+    guidance_scale: float = option(6.0, help="classifier-free guidance scale s", low=0)
+    spacing: str = option("trailing", help="which timesteps the steps visit", choices=SPACINGS)
+    threshold: str = option(
+        "clip", help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding", choices=THRESHOLDS
+    )
+    eta: float | None = option(
+        None,
+        help="DDIM noise: 0 deterministic (default), 1 as ancestral DDPM; ddim only",
+        low=0,
+        only_with=("sampler", "ddim"),
+    )
+    # the default guides the high-noise steps, where the digit is decided, and leaves the strokes to the
+    # conditional model (see the README's Results)
+    guidance_interval: tuple[float, float] | None = option(
+        (2.0, math.inf),
+        help="guide only at noise levels LOW < sigma_t <= HIGH (ddpm/guidance.py, Kynkaanniemi et al. 2024): "
+        "the default guides the high-noise steps; 0 inf guides every step",
+        interval=True,
+        metavar=("LOW", "HIGH"),
+    )
+    guidance_rescale: float = option(
+        0.0, help="phi of guidance rescale (Lin et al. 2024, ddpm/guidance.py); 0 is plain guidance", low=0, high=1
+    )
 
     def __post_init__(self) -> None:
-        for name, known in (("sampler", SAMPLERS), ("spacing", SPACINGS), ("threshold", THRESHOLDS)):
-            if getattr(self, name) not in known:
-                raise ValueError(f"{name} must be one of {', '.join(known)}, got {getattr(self, name)!r}")
-        if self.eta is not None and self.sampler != "ddim":
-            raise ValueError(f"eta only applies to the ddim sampler, not {self.sampler}")
+        check(self)
 
     def replace(self, **changes) -> SamplingOptions:
         return dataclasses.replace(self, **changes)
+
+    def check_model(self, num_train_timesteps: int) -> None:
+        """Raise OutOfRange if a model of ``num_train_timesteps`` cannot take these options."""
+        if self.steps > num_train_timesteps:
+            raise OutOfRange(
+                "steps",
+                "{steps} {value} exceeds the model's {t} training timesteps; use at most {t}",
+                value=self.steps,
+                t=num_train_timesteps,
+            )
 
     def sampler_kwargs(self) -> dict:
         """The keyword arguments of the sampler function beyond the shared ones."""
@@ -53,6 +78,7 @@ class SamplingOptions:
 
 
 DEFAULT_SAMPLING = SamplingOptions()
+DEFAULT_BATCH_SIZE = 256  # images per forward pass: a speed setting, it does not change the images
 
 
 def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -88,7 +114,7 @@ def generate(
     *,
     image_shape: Sequence[int],
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     image_indices: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
     callback: Callback = None,

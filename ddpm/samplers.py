@@ -4,7 +4,7 @@
             threshold="none", callback=None, **options) -> x_0
 
 ``eps_fn(x_t, t)`` is any noise predictor (a guided UNet, or a closed form in the tests);
-``t`` is an int64 tensor of shape [batch] holding training timesteps in [0, num_steps).
+``t`` is an int64 tensor of shape [batch] holding training timesteps in [0, num_train_timesteps).
 ``x_T`` fixes the batch, dtype and device of the result. ``generator`` is one
 ``torch.Generator``, or a list with one per image so that an image's noise does not depend
 on the batch it was drawn in. ``spacing`` picks the visited timesteps (:func:`sampling_timesteps`),
@@ -32,7 +32,7 @@ THRESHOLDS = ("none", "clip", "dynamic")
 DYNAMIC_PERCENTILE = 0.995  # Imagen's p (Saharia et al. 2022, section 2.3)
 
 
-def sampling_timesteps(num_train_steps: int, steps: int, spacing: str = "trailing") -> list[int]:
+def sampling_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
     """The ``steps`` training timesteps a sampler visits, in descending order.
 
     - ``trailing`` (default): T - 1 - round(i T / steps), i.e. T - 1 down to T / steps - 1 in
@@ -45,14 +45,14 @@ def sampling_timesteps(num_train_steps: int, steps: int, spacing: str = "trailin
     Every sampler then takes one last step from the smallest of these to clean data (alpha_bar = 1).
     With steps == T every spacing gives T - 1, ..., 0.
     """
-    if not 1 <= steps <= num_train_steps:
-        raise ValueError(f"steps must be in [1, {num_train_steps}], got {steps}")
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
     if spacing == "trailing":
-        ts = np.round(num_train_steps - np.arange(steps) * (num_train_steps / steps)) - 1
+        ts = np.round(num_train_timesteps - np.arange(steps) * (num_train_timesteps / steps)) - 1
     elif spacing == "leading":
-        ts = np.arange(steps)[::-1] * (num_train_steps // steps)
+        ts = np.arange(steps)[::-1] * (num_train_timesteps // steps)
     elif spacing == "linspace":
-        ts = np.round(np.linspace(num_train_steps - 1, 0, steps))
+        ts = np.round(np.linspace(num_train_timesteps - 1, 0, steps))
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     return [int(t) for t in ts]
@@ -66,11 +66,6 @@ def randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
         draws = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
         return torch.stack(draws).to(x.device)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def _alpha_bar(diffusion: GaussianDiffusion, t: int) -> float:
-    """alpha_bar_t as a float64 Python number; t = -1 stands for clean data (alpha_bar = 1)."""
-    return 1.0 if t < 0 else float(diffusion.alphas_cumprod[t])
 
 
 def threshold_x0(x0: torch.Tensor, mode: str, percentile: float = DYNAMIC_PERCENTILE) -> torch.Tensor:
@@ -119,8 +114,8 @@ def _denoiser(eps_fn: EpsFn, threshold: str, callback: Callback):
 def _schedule(diffusion: GaussianDiffusion, steps: int, spacing: str) -> list[tuple[int, int, float, float]]:
     """(t, s, alpha_bar_t, alpha_bar_s) for each step from t down to s < t; the last step ends at
     s = -1, clean data, with alpha_bar = 1."""
-    ts = sampling_timesteps(diffusion.num_steps, steps, spacing)
-    return [(t, s, _alpha_bar(diffusion, t), _alpha_bar(diffusion, s)) for t, s in zip(ts, ts[1:] + [-1])]
+    ts = sampling_timesteps(diffusion.num_train_timesteps, steps, spacing)
+    return [(t, s, diffusion.alpha_bar(t), diffusion.alpha_bar(s)) for t, s in zip(ts, ts[1:] + [-1])]
 
 
 @torch.no_grad()
@@ -137,17 +132,15 @@ def sample_ddpm(
     """Ancestral sampling, DDPM (Ho et al. 2020, Algorithm 2, sigma_t^2 = beta-tilde), respaced
     as in Improved DDPM (Nichol & Dhariwal 2021, section 4).
 
-    Each step draws x_s ~ q(x_s | x_t, x0_hat), the posterior (DDPM eq. 6-7) of the respaced
-    chain, whose betas are beta = 1 - alpha_bar_t / alpha_bar_s. With steps == num_steps this
-    is exactly DDPM's reverse process; the last step returns its mean, x0_hat, with no noise.
+    Each step draws x_s ~ q(x_s | x_t, x0_hat), the posterior of the respaced chain
+    (:meth:`GaussianDiffusion.q_posterior`). With steps == num_train_timesteps this is exactly DDPM's
+    reverse process; the last step returns its mean, x0_hat, with no noise.
     """
     denoise = _denoiser(eps_fn, threshold, callback)
     x = x_T
-    for i, (t, s, ab_t, ab_s) in enumerate(_schedule(diffusion, steps, spacing)):
-        beta = 1 - ab_t / ab_s
+    for i, (t, s, ab_t, _) in enumerate(_schedule(diffusion, steps, spacing)):
         _, x0 = denoise(i, x, t, ab_t)
-        mean = (math.sqrt(ab_s) * beta * x0 + math.sqrt(1 - beta) * (1 - ab_s) * x) / (1 - ab_t)
-        variance = beta * (1 - ab_s) / (1 - ab_t)
+        mean, variance = diffusion.q_posterior(x0, x, t, s)
         x = mean + math.sqrt(variance) * randn_like(x, generator) if s >= 0 else mean
     return x
 

@@ -84,9 +84,9 @@ def evaluate_during_training(
     device: torch.device,
 ) -> dict[str, float]:
     """A small evaluation of the seen wordings (``templates``, the vocabulary's): ``per_digit`` images of
-    each digit, ``sample(prompts)`` giving one image in [-1, 1] per prompt (training samples them as the epoch's sample grid, with a
-    fixed seed so epochs are compared on the same noise); the judge and the real reference on
-    ``device``, MNIST from ``data_dir``. Returns metrics.jsonl fields."""
+    each digit, ``sample(prompts)`` giving one image in [-1, 1] per prompt (training samples them as the
+    epoch's sample grid, with a fixed seed so epochs are compared on the same noise); the judge and the
+    real reference on ``device``, MNIST from ``data_dir``. Returns metrics.jsonl fields."""
     start = time.perf_counter()
     judge, reference = judge_and_reference(data_dir, device)
     plan = plan_prompts(per_digit, {"seen": templates})

@@ -93,7 +93,7 @@ CASES = [
         "train-sample-steps-over-timesteps",
         "train.py",
         ("--sample_steps", "1001"),
-        r"--sample_steps 1001 exceeds --num_train_timesteps 1000; use at most 1000",
+        r"--sample_steps 1001 exceeds the model's 1000 training timesteps; use at most 1000",
     ),
     Case("train-unknown-choice", "train.py", ("--prediction", "x0"), r"--prediction must be one of eps, v, got 'x0'"),
     Case(
@@ -291,7 +291,7 @@ CASES = [
         "evaluate-negative-guidance",
         "evaluate.py",
         ("--guidance_scale", "2,-1"),
-        r"--guidance_scale values must be >= 0, got '2,-1'",
+        r"--guidance_scale must be >= 0, got -1\.0",
     ),
     Case("evaluate-zero-samples", "evaluate.py", ("--num_samples", "0"), r"--num_samples must be at least 1, got 0"),
     Case(

@@ -52,33 +52,34 @@ def test_q_sample_is_eq4(diffusion):
     np.testing.assert_allclose(diffusion.q_sample(x0, t, noise).numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
-def test_q_posterior_is_bayes_rule(diffusion):
-    """Posterior of x_{t-1} from the Gaussian product q(x_{t-1} | x_0) q(x_t | x_{t-1}), derived independently."""
+@pytest.mark.parametrize("t,s", [(1, 0), (50, 49), (400, 399), (900, 899), (998, 898), (899, 99), (500, 0)])
+def test_q_posterior_is_bayes_rule(diffusion, t, s):
+    """Posterior of x_s from the Gaussian product q(x_s | x_0) q(x_t | x_s), derived independently, for
+    neighbouring timesteps (DDPM eq. 6-7) and for the jumps of a respaced chain alike."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
     x_t = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
-    t = torch.tensor([1, 50, 400, 900])
-    mean, var = diffusion.q_posterior(x0, x_t, t)
-    for i, ti in enumerate(t.tolist()):
-        ab_prev, ab = f(ti) / f(0), f(ti + 1) / f(0)
-        alpha, beta = ab / ab_prev, 1 - ab / ab_prev
-        precision = 1 / (1 - ab_prev) + alpha / beta
-        expected_mean = (
-            math.sqrt(ab_prev) * x0[i].numpy() / (1 - ab_prev) + math.sqrt(alpha) * x_t[i].numpy() / beta
-        ) / precision
-        np.testing.assert_allclose(mean[i].numpy(), expected_mean, rtol=1e-9)
-        np.testing.assert_allclose(var[i].numpy(), 1 / precision, rtol=1e-9)
+    mean, var = diffusion.q_posterior(x0, x_t, t, s)
+    ab_s, ab_t = f(s + 1) / f(0), f(t + 1) / f(0)  # timestep index i holds alpha_bar at i + 1 of eq. 17
+    alpha, beta = ab_t / ab_s, 1 - ab_t / ab_s  # q(x_t | x_s) = N(sqrt(alpha) x_s, beta)
+    precision = 1 / (1 - ab_s) + alpha / beta
+    expected_mean = (math.sqrt(ab_s) * x0.numpy() / (1 - ab_s) + math.sqrt(alpha) * x_t.numpy() / beta) / precision
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-9)
+    assert var == pytest.approx(1 / precision, rel=1e-9)
 
 
-def test_posterior_at_t0_is_x0(diffusion):
+def test_posterior_to_clean_data_is_x0(diffusion):
     x0, x_t = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
-    mean, var = diffusion.q_posterior(x0, x_t, torch.zeros(2, dtype=torch.long))
-    torch.testing.assert_close(mean, x0)
-    assert var.abs().max() == 0
+    for t in (0, 500):
+        mean, var = diffusion.q_posterior(x0, x_t, t, -1)
+        torch.testing.assert_close(mean, x0)
+        assert var == 0
+    with pytest.raises(ValueError):
+        diffusion.q_posterior(x0, x_t, 5, 5)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_predictions_invert(prediction):
+def test_the_training_target_converts_back_to_the_noise(prediction):
     diffusion = GaussianDiffusion(cosine_beta_schedule(T), prediction=prediction)
     g = torch.Generator().manual_seed(2)
     x0, noise = (
@@ -87,7 +88,6 @@ def test_predictions_invert(prediction):
     )
     t = torch.tensor([3, 300, 990])
     x_t = diffusion.q_sample(x0, t, noise)
-    torch.testing.assert_close(diffusion.predict_x0(x_t, t, noise), x0)
     torch.testing.assert_close(diffusion.to_eps(x_t, t, diffusion.training_target(x0, t, noise)), noise)
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,13 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
     report = json.loads((checkpoint.parent / f"{stem}.json").read_text())
     assert (report["sampler"], report["steps"], report["seed"], report["epoch"]) == ("dpmpp_2m", 2, 5, 2)
     assert report["guidance_scales"] == [1.0, 3.0] and report["wall_seconds"] > 0
+    assert report["options"] == {  # the other sampling options, JSON's null for the interval's open end
+        "spacing": "trailing",
+        "threshold": "clip",
+        "eta": None,
+        "guidance_interval": [2.0, None],
+        "guidance_rescale": 0.0,
+    }
     assert 0.99 <= report["judge"]["accuracy_on_real_half_a"] <= 1
     assert report["reference"]["half_a_images"] + report["reference"]["half_b_images"] == 10_000
     for result in report["results"]:
@@ -262,13 +270,26 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
     [
         (["--num_samples", "0"], "--num_samples must be at least 1"),
         (["--guidance_scale", "1,x"], "--guidance_scale must be a number or a comma list"),
-        (["--guidance_scale", "4,-1"], "--guidance_scale values must be >= 0"),
-        (["--sampler", "euler"], "invalid choice"),
+        (["--guidance_scale", "4,-1"], "--guidance_scale must be >= 0, got -1.0"),
+        (["--sampler", "euler"], "--sampler must be one of ddpm, ddim, dpmpp_2m, got 'euler'"),
     ],
 )
 def test_evaluate_rejects_bad_flags(flags, message):
     with pytest.raises(UserError, match=message):
         evaluate.parse_args(flags)
+
+
+def test_output_names_keep_their_form_and_add_other_options_only_when_changed():
+    path = Path("run/checkpoint_epoch_0002.pt")
+    args = evaluate.parse_args(["--steps", "2", "--guidance_scale", "1,3", "--num_samples", "3", "--seed", "5"])
+    assert (
+        evaluate.output_path(args, path, ".json").name
+        == "checkpoint_epoch_0002_eval_dpmpp_2m_2steps_cfg1-3_n3_seed5.json"
+    )
+    args = evaluate.parse_args(["--threshold", "none", "--guidance_interval", "0", "inf", "--guidance_scale", "2"])
+    assert evaluate.output_path(args, path, ".png").name == (
+        "checkpoint_epoch_0002_eval_dpmpp_2m_20steps_cfg2_n100_seed0_thresholdnone_guidance_interval0-inf.png"
+    )
 
 
 @pytest.mark.slow

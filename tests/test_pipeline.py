@@ -15,7 +15,7 @@ from PIL import Image
 from evaluation.judge import judge_images, load_judge
 from models.checkpoint import SHIPPED, shipped_record
 from tests.helpers import PROCESS_ENV, ROOT, TINY_CONFIG, state_bytes
-from text2digit import EmptyPrompt, InvalidRequest, OutOfRange, PromptTooLong, Request, Text2Digit, make_options
+from text2digit import EmptyPrompt, InvalidRequest, OutOfRange, PromptTooLong, Request, Text2Digit
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,8 @@ def test_same_seed_same_digits_and_a_callback_per_step(pipe):
         (lambda p: p("7", sampler="euler"), OutOfRange, "sampler"),
         (lambda p: p("7", eta=0.5), OutOfRange, "eta"),
         (lambda p: p("7", guidance_interval=(3.0, 1.0)), OutOfRange, "guidance_interval"),
+        (lambda p: p("7", guidance_rescale=2.0), OutOfRange, "guidance_rescale"),
+        (lambda p: p(["7", "1"], num_samples=2049), OutOfRange, "num_samples"),
     ],
 )
 def test_bad_requests_raise_typed_errors_naming_the_input(pipe, call, error, field):
@@ -84,7 +86,7 @@ def test_bad_requests_raise_typed_errors_naming_the_input(pipe, call, error, fie
 
 
 def test_a_truncated_prompt_is_allowed_only_when_asked():
-    request = Request(("a picture of the handwritten digit seven",), options=make_options(), allow_truncation=True)
+    request = Request(("a picture of the handwritten digit seven",), allow_truncation=True)
     assert request.validate() == [
         "prompt 'a picture of the handwritten digit seven' was truncated to 8 tokens: "
         "'a picture of the handwritten digit'"

@@ -92,6 +92,14 @@ def test_the_page_and_its_settings_are_served(url):
     assert config["limits"] == {"max_steps": 1000, "max_digits": 64}
 
 
+def test_the_page_posts_only_fields_the_api_takes():
+    script = (WEB / "app.js").read_text()
+    numbers = re.search(r"NUMBER_FIELDS = \[(.*?)\]", script).group(1)
+    body = re.search(r"function formBody\(\) \{\n  const body = \{(.*?)\};", script, re.S).group(1)
+    posted = re.findall(r'"(\w+)"', numbers) + re.findall(r"^\s*(\w+):", body, re.M)
+    assert len(posted) == 8 and set(posted) <= set(GenerateBody.model_fields), posted
+
+
 def test_the_page_loads_nothing_from_elsewhere():
     for path in WEB.iterdir():
         text = path.read_text()
@@ -123,6 +131,8 @@ def test_a_frame_arrives_for_every_step(url):
         ({"prompt": "7", "guidance_scale": -1}, "guidance_scale", "guidance_scale must be >= 0"),
         ({"prompt": "7", "sampler": "euler"}, "sampler", "sampler must be one of ddpm, ddim, dpmpp_2m"),
         ({"prompt": "7", "seed": -1}, "seed", "seed must be >= 0"),
+        ({"prompt": "7", "guidance_interval": [3, 1]}, "guidance_interval", "two noise levels 0 <= low < high"),
+        ({"prompt": "7", "eta": 0.5}, "eta", "eta only applies to sampler ddim, not dpmpp_2m"),
     ],
 )
 def test_a_bad_request_gets_the_pipelines_message(url, body, field, fragment):

@@ -21,7 +21,8 @@ import yaml
 
 from data.captions import VOCABULARIES
 from data.shapes import IMAGE_SIZE
-from ddpm import DEFAULT_SAMPLING, SAMPLERS, DiffusionConfig, SamplingOptions
+from ddpm import DEFAULT_SAMPLING, DiffusionConfig, SamplingOptions
+from ddpm.options import refused_as
 from models.checkpoint import DEFAULT_OUTPUT_DIR
 from models.unet import UNetConfig
 from runtime.devices import COMPILE_CHOICES, PRECISIONS
@@ -33,9 +34,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist.yam
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig}
 # The range checks of validate(), by key.
 POSITIVE_KEYS = """num_epochs batch_size num_train_timesteps log_every checkpoint_every sample_every samples_per_digit
-    sample_steps layers_per_block head_dim ff_mult patch_size groups eval_samples stop_check_every""".split()
-NON_NEGATIVE_KEYS = """min_snr_gamma train_subset weight_decay warmup_steps grad_clip dropout guidance_scale eval_every
+    layers_per_block head_dim ff_mult patch_size groups eval_samples stop_check_every""".split()
+NON_NEGATIVE_KEYS = """min_snr_gamma train_subset weight_decay warmup_steps grad_clip dropout eval_every
     global_batch_size checkpoint_every_steps keep_last max_bad_steps""".split()
+
+
+def sampling_key(name: str) -> Any:
+    """A key that is the SamplingOptions field ``name`` under a flat name of its own: its default comes from
+    the declaration, and so do its choices and checks (through :meth:`TrainConfig.sampling_options`)."""
+    return field(default=getattr(DEFAULT_SAMPLING, name), metadata={"sampling": name})
 
 
 @dataclass
@@ -73,9 +80,10 @@ class TrainConfig:
     stop_check_every: int = 10  # DDP: steps between the ranks' agreement on a stop signal (a tiny all_reduce)
     sample_every: int = 1  # epochs
     samples_per_digit: int = 8
-    sampler: str = field(default=DEFAULT_SAMPLING.sampler, metadata={"choices": SAMPLERS})
-    sample_steps: int = DEFAULT_SAMPLING.steps
-    guidance_scale: float = DEFAULT_SAMPLING.guidance_scale
+    # how those grids and evaluations sample: SamplingOptions fields (ddpm/generation.py) under flat names
+    sampler: str = sampling_key("sampler")
+    sample_steps: int = sampling_key("steps")
+    guidance_scale: float = sampling_key("guidance_scale")
     eval_every: int = 0  # epochs between judge evaluations (0 = never); see evaluation/
     eval_samples: int = 30  # images per digit in each such evaluation
     # hardware
@@ -108,10 +116,8 @@ class TrainConfig:
         return flat
 
     def sampling_options(self) -> SamplingOptions:
-        """How training's sample grids and evaluations sample."""
-        return DEFAULT_SAMPLING.replace(
-            sampler=self.sampler, steps=self.sample_steps, guidance_scale=self.guidance_scale
-        )
+        """How training's sample grids and evaluations sample (OutOfRange for a value the declaration refuses)."""
+        return SamplingOptions(**{name: getattr(self, key) for name, key in SAMPLING_KEYS.items()})
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -126,11 +132,8 @@ class TrainConfig:
         for name in ("cond_drop_prob", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.sample_steps > self.diffusion.num_train_timesteps:
-            raise UserError(
-                f"--sample_steps {self.sample_steps} exceeds --num_train_timesteps "
-                f"{self.diffusion.num_train_timesteps}; use at most {self.diffusion.num_train_timesteps}"
-            )
+        with refused_as(_sampling_flag):
+            self.sampling_options().check_model(self.diffusion.num_train_timesteps)
         for key, (_, f) in flat_fields().items():
             choices = f.metadata.get("choices")
             if choices and getattr(values, key) not in choices:
@@ -167,6 +170,15 @@ class TrainConfig:
                 "and --global_batch_size 0"
             )
         return self.global_batch_size // world_size
+
+
+# SamplingOptions field -> the training key that holds it
+SAMPLING_KEYS = {f.metadata["sampling"]: f.name for f in dataclasses.fields(TrainConfig) if "sampling" in f.metadata}
+
+
+def _sampling_flag(name: str) -> str:
+    """A SamplingOptions field as train.py spells it: the flag of the key that holds it."""
+    return f"--{SAMPLING_KEYS.get(name, name)}"
 
 
 def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
