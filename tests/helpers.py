@@ -91,13 +91,15 @@ def script_context(argv: list[str], env: dict[str, str], cwd: Path):
             signal.signal(sig, handler)
 
 
-def run_in_process(script: str, args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
-    """(exit status, stderr) of ``python script args``, run in this process."""
+def run_in_process(
+    script: str, args: list[str], env: dict[str, str], cwd: Path, stdout: io.StringIO | None = None
+) -> tuple[int, str]:
+    """(exit status, stderr) of ``python script args``, run in this process; its stdout goes to ``stdout``."""
     stderr = io.StringIO()
     with (
         script_context([script, *args], {**ENV, **env}, cwd),
         contextlib.redirect_stderr(stderr),
-        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stdout(io.StringIO() if stdout is None else stdout),
     ):
         try:
             runpy.run_path(str(ROOT / script), run_name="__main__")
@@ -122,6 +124,19 @@ MICRO = tiny_flags(
 TOTAL_STEPS = 16
 # One thread: the runs are bitwise reproducible at any fixed thread count, and much faster on a busy machine.
 PROCESS_ENV = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1"}
+
+
+# configs/tiny.yaml with the judge's evaluation at the end of each epoch: the run the tests of training's outputs,
+# sampling, evaluation and the recipe's determinism share (tests/conftest.py's tiny_run).
+TINY_RUN = ("train.py", "--config", str(TINY_CONFIG), "--eval_every", "1", "--eval_samples", "2")
+
+
+def train_tiny(out: Path) -> Path:
+    """TINY_RUN as a real process into ``out`` (16 steps of 64 images, 2 epochs); ``out``."""
+    cmd = [sys.executable, *TINY_RUN, "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=PROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
 
 
 def start_training(out: Path, *extra: str) -> subprocess.Popen:

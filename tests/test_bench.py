@@ -48,7 +48,7 @@ def test_benchmark_writes_the_documented_json(tmp_path):
         "--sample_steps",
         2,
         "--epoch_images",
-        512,
+        256,  # two steps of the default config's 128: a warm-up log window and a steady one
         "--json",
         out,
     )
@@ -61,7 +61,8 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     ]
     assert all(row["images"] == 2 and row["steps"] == 2 and row["seconds"] > 0 for row in report["sampling"])
     epoch = report["epoch"]
-    assert epoch["images"] == 512 and epoch["startup_s"] > 0 and epoch["epoch_s"] > epoch["loop_s"] > 0
+    assert epoch["images"] == 256 and epoch["startup_s"] > 0 and epoch["epoch_s"] > epoch["loop_s"] > 0
+    assert epoch["how"] == "extrapolated: 2 steps measured (1 warm-up), 468 in an epoch"
 
 
 def test_sampler_benchmark_prints_a_row_per_sampler_and_step_count(checkpoint):

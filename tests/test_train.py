@@ -1,8 +1,8 @@
 """train.py and sample.py end to end through their real command lines, on configs/tiny.yaml."""
 
 import hashlib
+import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,25 +11,25 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT
+from tests.helpers import PROCESS_ENV, ROOT, run_in_process
 from training.distributed import epoch_batches
 
 pytestmark = pytest.mark.slow  # real processes (see pyproject.toml's markers)
 
 
 def run(*args, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(list(args), cwd=ROOT, env=PROCESS_ENV, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    run(sys.executable, "train.py", "--config", "configs/tiny.yaml", "--output_dir", str(out))
-    return out
+def sample_in_process(*args) -> str:
+    """sample.py run in this process (tests/helpers.py): what it printed."""
+    printed = io.StringIO()
+    status, stderr = run_in_process("sample.py", list(args), {}, ROOT, stdout=printed)
+    assert status == 0, stderr[-3000:]
+    return printed.getvalue()
 
 
 def test_epoch_batches_are_disjoint_shards():
@@ -42,37 +42,36 @@ def test_epoch_batches_are_disjoint_shards():
     assert torch.equal(epoch_batches(100, 0, 1, 0, world, batch), shards[0])
 
 
-def test_training_writes_checkpoints_samples_and_metrics(trained):
-    ckpts = sorted((trained / "checkpoints").glob("checkpoint_epoch_*.pt"))
+def test_training_writes_checkpoints_samples_and_metrics(tiny_run):
+    ckpts = sorted((tiny_run / "checkpoints").glob("checkpoint_epoch_*.pt"))
     assert [p.name for p in ckpts] == ["checkpoint_epoch_0001.pt", "checkpoint_epoch_0002.pt"]
     state = torch.load(ckpts[-1], weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 16  # 512 images / 64 per step x 2 epochs
     assert state["config"]["widths"] == [16, 32] and state["text_encoder"]["weights"] == "random"
-    grid = Image.open(trained / "samples" / "samples_epoch_0002.png")
+    grid = Image.open(tiny_run / "samples" / "samples_epoch_0002.png")
     assert grid.height == 10 * 56  # one row per digit, tiles scaled 2x
-    lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in lines if "loss" in m]
     assert len(losses) == 8 and all(0 < x < 2 for x in losses)
     assert losses[-1] < losses[0]  # it learns something even in 16 steps
 
 
-def test_sample_cli_is_reproducible(trained, tmp_path):
-    base = (sys.executable, "sample.py", "--output_dir", str(trained), "--steps", "5", "--num_samples", "3")
+def test_sample_cli_is_reproducible(tiny_run, tmp_path):
+    """The same seed gives the same PNG in a fresh process and in this one (after other work); another seed does not."""
+    base = ("sample.py", "--output_dir", str(tiny_run), "--steps", "5", "--num_samples", "3")
+    prompts = ("--prompt", "7", "--prompt", "a handwritten two")
     a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
-    out = run(*base, "--prompt", "7", "--prompt", "a handwritten two", "--out", str(a)).stdout.strip()
-    assert out == str(a)
-    run(*base, "--prompt", "7", "--prompt", "a handwritten two", "--out", str(b))
-    run(*base, "--prompt", "7", "--prompt", "a handwritten two", "--out", str(c), "--seed", "1")
+    assert run(sys.executable, *base, *prompts, "--out", str(a)).stdout.strip() == str(a)
+    assert sample_in_process(*base[1:], *prompts, "--out", str(b)).strip() == str(b)
+    sample_in_process(*base[1:], *prompts, "--out", str(c), "--seed", "1")
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     assert digest(a) == digest(b) and digest(a) != digest(c)
     assert Image.open(a).height == 2 * 56
 
 
-def test_sample_default_path_is_under_output_dir(trained):
-    out = Path(
-        run(sys.executable, "sample.py", "--prompt", "7", "--output_dir", str(trained), "--steps", "2").stdout.strip()
-    )
-    assert out.parent == trained / "samples" and out.is_file()
+def test_sample_default_path_is_under_output_dir(tiny_run):
+    out = Path(sample_in_process("--prompt", "7", "--output_dir", str(tiny_run), "--steps", "2").strip())
+    assert out.parent == tiny_run / "samples" and out.is_file()
 
 
 def test_ddp_two_processes_stay_in_sync(tmp_path):
