@@ -106,24 +106,13 @@ def source_files(package: str):
     return [ROOT / f"{package}.py"] if package == "text2digit" else sorted((ROOT / package).rglob("*.py"))
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(
-            name, marks=pytest.mark.xfail(strict=False, reason="until data/captions.py stops importing models")
-        )
-        if name == "data"
-        else name
-        for name in ALLOWED
-    ],
-)
+@pytest.mark.parametrize("package", list(ALLOWED))
 def test_no_file_names_a_package_it_may_not_import(package):
     for path in source_files(package):
         outside = imported_packages(path) - ALLOWED[package] - {package}
         assert not outside, f"{path.relative_to(ROOT)} imports {sorted(outside)}"
 
 
-@pytest.mark.xfail(strict=False, reason="until data/ stops importing morphometry eagerly")
 def test_the_pipeline_loads_neither_scikit_image_nor_scipy(pipeline):
     modules, seconds = pipeline
     print(f"python -c 'import text2digit': {seconds:.1f} s")
