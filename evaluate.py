@@ -1,6 +1,6 @@
 """Measure what a checkpoint makes: conditional accuracy and Fréchet MNIST distance.
 
-    python evaluate.py                                        # newest checkpoint in outputs/mnist
+    python evaluate.py                                        # the model models.checkpoint.find_model names
     python evaluate.py --checkpoint PATH --guidance_scale 1,2,4,8 --num_samples 100
 
 For every digit, --num_samples images are drawn from the training wordings ("seen") and as many
@@ -8,7 +8,8 @@ from held-out wordings never trained on; the committed judge classifier (evaluat
 labels them. Reported per guidance scale: the fraction labelled as the prompted digit (overall,
 per digit, per template) and the Fréchet distance between the judge's features of the samples
 and of real MNIST test digits, beside the same distance between two halves of real data (the
-floor). Tables go to stdout; a JSON file (and, for a sweep, a PNG plot) goes beside the checkpoint.
+floor). Tables go to stdout; a JSON file (and, for a sweep, a PNG plot) goes beside the checkpoint
+(the shipped model's to outputs/pretrained/).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from evaluation.reference import RealReference
 from evaluation.report import plot_sweep, result_tables, sweep_table
 from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables, summary
 from evaluation.suite import judge_and_reference, score
-from models.checkpoint import DEFAULT_OUTPUT_DIR, latest_checkpoint, no_checkpoint_error
+from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, add_model_flags, find_model
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
@@ -43,6 +44,7 @@ from runtime.flags import CliParser, require_positive
 from text2digit import Request, Text2Digit, flag
 
 PICTURE_COLUMNS = 8
+SHIPPED_RESULTS = DEFAULT_OUTPUT_DIR.parent / "pretrained"  # outputs/pretrained
 # the SamplingOptions fields beyond those the file names and the report have always held
 OTHER_OPTIONS = tuple(f.name for f in fields(SamplingOptions) if f.name not in ("sampler", "steps", "guidance_scale"))
 
@@ -56,8 +58,7 @@ def parse_scales(text: str) -> list[float]:
 
 def build_parser() -> CliParser:
     p = CliParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
-    p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="training output folder")
+    add_model_flags(p)
     # evaluate's own forms of two request fields: a count per digit and prompt set, and a sweep of scales
     p.add_argument("--num_samples", type=int, default=100, help="images per digit for each prompt set")
     p.add_argument(
@@ -102,7 +103,7 @@ def output_path(args, checkpoint: Path, suffix: str) -> Path:
         for name in OTHER_OPTIONS
         if getattr(args.options[0], name) != getattr(DEFAULT_SAMPLING, name)
     )
-    return checkpoint.with_name(
+    return results_dir(checkpoint) / (
         f"{checkpoint.stem}_eval_{args.sampler}_{args.steps}steps_cfg{scales}"
         f"_n{args.num_samples}_seed{args.seed}{others}{suffix}"
     )
@@ -207,11 +208,14 @@ def main() -> None:
     args = parse_args(sys.argv[1:])
     device = pick_device(args.device)
     args.bf16 = use_bf16(args.precision, device)
-    path = args.checkpoint or latest_checkpoint(args.output_dir)
-    if path is None:
-        raise no_checkpoint_error(args.output_dir)
-    with writable_folder(path.parent, "the results go beside --checkpoint, but"):
+    path = find_model(args.checkpoint, args.output_dir)
+    with writable_folder(results_dir(path), "the results go beside the checkpoint, but"):
         evaluate(args, path, device, start)
+
+
+def results_dir(checkpoint: Path) -> Path:
+    """Beside the checkpoint; the shipped model's results go to outputs/pretrained/, not into the repository."""
+    return SHIPPED_RESULTS if checkpoint.resolve() == SHIPPED else checkpoint.parent
 
 
 def evaluate(args, path: Path, device: torch.device, start: float) -> None:

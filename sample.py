@@ -4,11 +4,12 @@
     python sample.py --prompt "3" --prompt "a handwritten eight" --num_samples 16 --steps 20
     python sample.py --prompt "3" --sampler ddim --eta 0.5 --steps 50 --save_individual --trajectory
 
-Loads the newest checkpoint in --output_dir (or --checkpoint PATH) with the text encoder it was
-trained with, samples with classifier-free guidance, writes one PNG row per prompt and prints
-the file's path (then those of the --save_individual folder and the --trajectory GIF). Image i
-of a run depends only on --seed and i: the same seed gives the same pixels whatever
---batch_size, and adding prompts or samples does not change the images before them.
+Loads the model models.checkpoint.find_model names (--checkpoint, else the newest in --output_dir,
+else the shipped model) with the text encoder it was trained with, samples with classifier-free
+guidance, writes one PNG row per prompt and prints the file's path (then those of the
+--save_individual folder and the --trajectory GIF). Image i of a run depends only on --seed and i:
+the same seed gives the same pixels whatever --batch_size, and adding prompts or samples does not
+change the images before them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from data.images import save_grid, save_images
 from data.trajectory import TrajectoryRecorder
 from ddpm import DEFAULT_BATCH_SIZE, SamplingOptions
 from ddpm.options import add_flags, flag_values, refused_as
-from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, latest_checkpoint, no_checkpoint_error, shipped_record
+from models.checkpoint import DEFAULT_OUTPUT_DIR, add_model_flags, find_model
 from models.loading import load_trained_model
 from runtime.devices import PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
@@ -31,20 +32,12 @@ from runtime.files import writable_folder
 from runtime.flags import CliParser, require_positive
 from text2digit import Request, Text2Digit, flag, make_request
 
-ROOT = Path(__file__).resolve().parent
-
 
 def build_parser() -> CliParser:
     p = CliParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     add_flags(p, Request)  # --prompt, --num_samples, --seed, --negative_prompt, --allow_truncation
     add_flags(p, SamplingOptions)  # --sampler, --steps, --guidance_scale, ...
-    p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: newest in --output_dir)")
-    p.add_argument(
-        "--output_dir",
-        type=Path,
-        help=f"training output folder (default {DEFAULT_OUTPUT_DIR}; when not given and it holds no checkpoint, "
-        "the shipped model samples)",
-    )
+    add_model_flags(p)
     p.add_argument(
         "--batch_size",
         type=int,
@@ -79,8 +72,6 @@ def build_parser() -> CliParser:
 def parse_args(argv: list[str]):
     """The flags, every value checked before any work (the request by the pipeline's own rules)."""
     args = build_parser().parse_args(argv)
-    args.shipped_fallback = args.output_dir is None and args.checkpoint is None
-    args.output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
     with refused_as(flag):
@@ -96,7 +87,8 @@ def slug(text: str) -> str:
 
 
 def default_out(args) -> Path:
-    return args.output_dir / "samples" / f"sample_{slug('_'.join(args.prompts))}_seed{args.seed}.png"
+    folder = args.output_dir or DEFAULT_OUTPUT_DIR
+    return folder / "samples" / f"sample_{slug('_'.join(args.prompts))}_seed{args.seed}.png"
 
 
 def output_paths(args, out: Path) -> tuple[Path, Path | None, Path | None]:
@@ -108,21 +100,6 @@ def output_paths(args, out: Path) -> tuple[Path, Path | None, Path | None]:
         if path is not None and path.exists() and not args.overwrite:
             raise UserError(f"{path} exists; pass --overwrite to replace it or --out to write elsewhere")
     return out, folder, gif
-
-
-def shipped_model(args) -> Path:
-    """The model that ships with the repository, when no folder was named and the default one holds no
-    checkpoint yet (said in one line). A folder named by --output_dir must hold one: a typo there should
-    not quietly sample someone else's model."""
-    if not (args.shipped_fallback and SHIPPED.is_file()):
-        raise no_checkpoint_error(args.output_dir)
-    print(
-        f"no checkpoint in {args.output_dir / 'checkpoints'}: sampling from the shipped model "
-        f"{SHIPPED.relative_to(ROOT)} "
-        f"({shipped_record()['command']}; see its .json)",
-        file=sys.stderr,
-    )
-    return SHIPPED
 
 
 def warn_about_negative_prompt(args) -> None:
@@ -139,7 +116,7 @@ def main() -> None:
 
 
 def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> None:
-    path = args.checkpoint or latest_checkpoint(args.output_dir) or shipped_model(args)
+    path = find_model(args.checkpoint, args.output_dir)
     pipe = Text2Digit(load_trained_model(path, device, args.text_encoder), use_bf16(args.precision, device))
     for warning in args.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """A live prompt page: type a prompt, watch the digits denoise step by step, download the grid.
 
-    python serve.py                                   # http://127.0.0.1:8000, the model that ships with the repo
+    python serve.py                                   # http://127.0.0.1:8000; the model: models.checkpoint.find_model
     python serve.py --port 8080 --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt
     python serve.py --port 0                          # any free port (the printed line names it)
     python serve.py --steps 10 --sampler ddim         # the page's defaults: every sampling option is a flag
@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ddpm import SAMPLERS, SamplingOptions
 from ddpm.options import add_flags, declared, field_type, flag_values, from_json, refused_as, to_json
+from models.checkpoint import add_model_flags, find_model
 from runtime.devices import PRECISION_HELP, PRECISIONS
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser
@@ -345,7 +346,7 @@ def build_parser() -> CliParser:
     add_flags(p, SamplingOptions)  # --sampler, --steps, --guidance_scale, ...
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint to sample from (default: the shipped model)")
+    add_model_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument(
@@ -373,7 +374,7 @@ def parse_args(argv: list[str]):
 def main() -> None:
     args = parse_args(sys.argv[1:])
     sock = listening_socket(args.host, args.port)
-    pipe = Text2Digit.from_checkpoint(args.checkpoint, args.device, args.precision)
+    pipe = Text2Digit.from_checkpoint(find_model(args.checkpoint, args.output_dir), args.device, args.precision)
     with refused_as(flag):
         args.example.validate(pipe.model.diffusion.num_train_timesteps, MAX_DIGITS)
     app = create_app(pipe, args.threads, args.defaults)

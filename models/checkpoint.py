@@ -26,6 +26,7 @@ truncated, bit-flipped, renamed or foreign file is skipped with a warning, never
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -287,6 +288,17 @@ def shipped_record(path: Path = SHIPPED) -> dict[str, Any]:
     return json.loads(path.with_suffix(".json").read_text())
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` and ``--output_dir``: how every command that loads a model names it (:func:`find_model`)."""
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint file (default: the newest in --output_dir)")
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        help=f"training output folder (default {DEFAULT_OUTPUT_DIR}; when not named and it holds no checkpoint, "
+        "the model that ships with the repository)",
+    )
+
+
 def find_model(checkpoint: Path | None, output_dir: Path | None) -> Path:
     """The checkpoint a command loads (``--checkpoint``, ``--output_dir``), by one rule:
 
@@ -306,7 +318,7 @@ def find_model(checkpoint: Path | None, output_dir: Path | None) -> Path:
     if output_dir is not None or not SHIPPED.is_file():
         raise no_checkpoint_error(folder)
     print(
-        f"no checkpoint in {checkpoint_dir(folder)}: sampling from the shipped model {SHIPPED.relative_to(ROOT)} "
+        f"no checkpoint in {checkpoint_dir(folder)}: using the shipped model {SHIPPED.relative_to(ROOT)} "
         f"({shipped_record()['command']}; see its .json)",
         file=sys.stderr,
     )

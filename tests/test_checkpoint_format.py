@@ -7,9 +7,13 @@ their READMEs give the commands. They are compared with what those commits produ
 within the rounding that another CPU's kernels may add.
 """
 
+import argparse
 import dataclasses
+import importlib
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +24,15 @@ from data.captions import caption_set
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE
 from ddpm import SamplingOptions, generate, prompt_contexts
-from models.checkpoint import FORMAT_VERSION, SAMPLING_KEYS, SHIPPED, find_model, load_checkpoint, save_checkpoint
+from models.checkpoint import (
+    FORMAT_VERSION,
+    SAMPLING_KEYS,
+    SHIPPED,
+    add_model_flags,
+    find_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from models.loading import load_trained_model
 from models.pretrained import ship
 from runtime.errors import EXIT_USER_ERROR, UserError
@@ -189,7 +201,32 @@ def test_the_model_a_command_loads_follows_the_one_rule(tmp_path, monkeypatch, c
     with pytest.raises(UserError, match=f"no checkpoint in {run / 'checkpoints'}; train first"):
         find_model(None, run)  # a named folder without a checkpoint: no fallback
     assert find_model(None, None) == SHIPPED  # nothing named and nothing trained: the shipped model, said once
-    assert capsys.readouterr().err.count("sampling from the shipped model models/pretrained/cpu.pt") == 1
+    assert capsys.readouterr().err.count("using the shipped model models/pretrained/cpu.pt") == 1
     write_untrained_checkpoint(run / "checkpoints" / "checkpoint_epoch_0001.pt")  # step 0
     shutil.copy(V1 / "checkpoint_step_00000003.pt", run / "checkpoints")
     assert find_model(None, run) == run / "checkpoints" / "checkpoint_step_00000003.pt"  # the highest step
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "serve"])
+def test_every_command_names_its_model_by_the_same_flags_and_rule(command, tmp_path, monkeypatch):
+    module = importlib.import_module(command)
+    flags = {a.dest: a for a in module.build_parser()._actions}
+    reference = argparse.ArgumentParser()
+    add_model_flags(reference)
+    for action in reference._actions[1:]:  # after -h
+        assert flags[action.dest].help == action.help and flags[action.dest].default is None
+    calls = []
+    monkeypatch.setattr(module, "find_model", lambda *named: calls.append(named) or 1 / 0)
+    argv = {"sample": ["--prompt", "7"], "evaluate": [], "serve": ["--port", "0"]}[command]
+    monkeypatch.setattr(sys, "argv", [command, *argv, "--output_dir", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        module.main()
+    assert calls == [(None, tmp_path)]
+
+
+def test_the_shipped_models_evaluation_goes_to_outputs_not_into_the_repository():
+    import evaluate
+
+    assert evaluate.results_dir(SHIPPED) == Path("outputs/pretrained")
+    assert evaluate.results_dir(Path("run/checkpoints/c.pt")) == Path("run/checkpoints")
