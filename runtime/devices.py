@@ -29,11 +29,15 @@ def pick_device(flag: str) -> torch.device:
 
 @cache
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU multiplies bf16 in hardware (its flags list AVX512-BF16 or AMX-BF16).
+    """True when the CPU multiplies bf16 in hardware (its flags list AVX512-BF16 or AMX-BF16) and
+    PyTorch uses its AVX512 kernels there.
 
     Elsewhere bf16 autocast on the CPU is emulated and slower than fp32, so ``auto`` keeps fp32;
-    so does a system without /proc/cpuinfo.
+    so does a system without /proc/cpuinfo, and one where ``ATEN_CPU_CAPABILITY=avx2`` holds PyTorch
+    to AVX2 (how an AVX512 machine approximates the AVX2-only kind, which then trains in fp32 as it does).
     """
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
     try:
         text = cpuinfo.read_text()
     except OSError:

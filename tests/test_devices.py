@@ -13,10 +13,19 @@ FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra} lm\nb
 @pytest.mark.parametrize(
     "extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512_vnni", False), ("", False)]
 )
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, extra, native):
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, extra, native):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # as on either kind of machine
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(FLAGS.format(extra=extra))
     assert devices.cpu_has_native_bf16(cpuinfo) is native
+
+
+def test_pytorch_held_to_avx2_means_no_native_bf16(tmp_path, monkeypatch):
+    """``ATEN_CPU_CAPABILITY=avx2`` (AVX2 emulation on an AVX512 machine) trains in fp32, as the AVX2 kind does."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(FLAGS.format(extra="avx512_bf16"))
+    assert devices.cpu_has_native_bf16(cpuinfo) is False
 
 
 def test_no_cpuinfo_means_no_native_bf16(tmp_path):
