@@ -43,7 +43,7 @@ class SamplingOptions:
         only_with=("sampler", "ddim"),
     )
     # the default guides the high-noise steps, where the digit is decided, and leaves the strokes to the
-    # conditional model (see the README's Results)
+    # conditional model (see docs/results.md)
     guidance_interval: tuple[float, float] | None = option(
         (2.0, math.inf),
         help="guide only at noise levels LOW < sigma_t <= HIGH (ddpm/guidance.py, Kynkaanniemi et al. 2024): "
