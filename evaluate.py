@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.captions import EMPTY_PROMPT, Vocabulary, plan_prompts, vocabulary_named
+from data.captions import EMPTY_PROMPT, Vocabulary, plan_prompts
 from data.images import save_grid
 from data.mnist import load_mnist, mnist_cache_dir
 from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions
@@ -226,7 +226,7 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
         args.options[0].check_model(model.diffusion.num_train_timesteps)
     record = judge_record()  # read now: a missing record fails before sampling, not after
     judge, reference = judge_and_reference(args.data_dir, device)
-    vocabulary = vocabulary_named(model.saved.vocabulary.name)  # the captions the model was trained on
+    vocabulary = model.vocabulary  # the captions the model was trained on
     styles = style_reference(args, vocabulary)
     plan = plan_prompts(args.num_samples, vocabulary.prompt_sets)
     print(

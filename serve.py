@@ -236,6 +236,7 @@ def page_config(pipe: Text2Digit, body: type[Body]) -> dict:
     defaults = {name: f.default for name, f in body.model_fields.items() if not f.is_required()}
     return {
         "model": describe(pipe),
+        "examples": pipe.model.vocabulary.examples(),  # the page's hint: wordings the model was trained on
         "samplers": list(SAMPLERS),
         "defaults": defaults,
         "limits": {"max_steps": pipe.model.diffusion.num_train_timesteps, "max_digits": MAX_DIGITS},

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data.captions import EMPTY_PROMPT, plan_prompts, vocabulary_named
+from data.captions import EMPTY_PROMPT, plan_prompts
 from data.images import to_uint8
 from data.shapes import IMAGE_SHAPE, NUM_DIGITS, TEXT_DIM, TEXT_TOKENS
 from ddpm import (
@@ -90,7 +90,7 @@ def build(args, device: torch.device):
     a fresh default UNet on random tokens (digits None)."""
     if args.checkpoint:
         model = load_trained_model(args.checkpoint, device)
-        templates = vocabulary_named(model.saved.vocabulary.name).templates
+        templates = model.vocabulary.templates
         plan = plan_prompts(args.num_images // NUM_DIGITS, {"seen": templates})
         cond, uncond = prompt_contexts(model.encoder.encode, plan.prompts, 1, EMPTY_PROMPT)
         return model.net, model.diffusion, cond, uncond, plan.digits, f"{args.checkpoint} (epoch {model.epoch})"

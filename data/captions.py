@@ -136,6 +136,16 @@ class Vocabulary:
             0 if v and (digit, a.word(v)) in self.held_out_pairs else v for a, v in zip(self.attributes, style)
         )
 
+    def examples(self) -> list[str]:
+        """Three prompts this vocabulary trains on, for a hint such as the page's: the first wording of a
+        7, a thick 3 (with attributes; else another wording of a 3) and the last wording of an 8."""
+        three = (
+            self.style_prompt(3, self.one_attribute(0, 1))
+            if self.attributes
+            else prompts_for(3, self.templates)[len(self.templates) // 2]
+        )
+        return [prompts_for(7, self.templates)[0], three, prompts_for(8, self.templates)[-1]]
+
     def one_attribute(self, attribute: int, value: int) -> Style:
         """The style with attribute number ``attribute`` at ``value`` and every other ordinary."""
         return tuple(value if i == attribute else 0 for i in range(len(self.attributes)))

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from data.captions import Vocabulary, vocabulary_named
 from ddpm import GaussianDiffusion
 from models.checkpoint import SavedModel, load_checkpoint
 from models.text_encoder import TextEncoder, build_text_encoder, check_compatible
@@ -36,6 +37,11 @@ class TrainedModel:
     @property
     def epoch(self) -> int:
         return self.saved.epoch
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The caption vocabulary it was trained on (checked against its fingerprint when loaded)."""
+        return vocabulary_named(self.saved.vocabulary.name)
 
 
 def load_trained_model(path: Path, device: torch.device, text_encoder: str | None = None) -> TrainedModel:

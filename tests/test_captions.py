@@ -236,3 +236,10 @@ def test_a_vocabulary_refuses_what_would_silently_do_nothing():
         dataclasses.replace(STYLES, attributes=(*ATTRIBUTES, dataclasses.replace(tall, measure="girth")))
     with pytest.raises(ValueError, match="outer quantile"):
         dataclasses.replace(STYLES, outer_quantile=0.5)
+
+
+@pytest.mark.parametrize("name", list(VOCABULARIES))
+def test_a_vocabularys_examples_are_prompts_it_trains_on(name):
+    vocabulary = VOCABULARIES[name]
+    examples = vocabulary.examples()
+    assert len(set(examples)) == 3 and set(examples) <= set(caption_set(vocabulary).prompts[1:])

@@ -80,7 +80,7 @@ def status(url: str) -> dict:
     return httpx.get(f"{url}/api/status").json()
 
 
-def test_the_page_and_its_settings_are_served(url):
+def test_the_page_and_its_settings_are_served(url, pipe):
     page = httpx.get(url)
     assert page.status_code == 200 and "app.js" in page.text and "style.css" in page.text
     config = httpx.get(f"{url}/api/config").json()
@@ -90,6 +90,7 @@ def test_the_page_and_its_settings_are_served(url):
     assert config["defaults"]["guidance_scale"] == DEFAULT_SAMPLING.guidance_scale
     assert config["defaults"]["num_samples"] == 8
     assert config["limits"] == {"max_steps": 1000, "max_digits": 64}
+    assert config["examples"] == pipe.model.vocabulary.examples()  # hints from the model's own vocabulary
 
 
 def test_the_page_posts_only_fields_the_api_takes():
@@ -300,6 +301,7 @@ def grid_digits(page, count: int) -> np.ndarray:
 
 @pytest.mark.slow
 def test_the_page_denoises_live_and_draws_the_prompted_digit(page, shipped_url):
+    assert page.get_attribute("#prompt", "placeholder") == 'e.g. "7", "a thick 3" or "a handwritten eight"'
     page.fill("#prompt", "7")
     page.click("#generate")
     page.wait_for_function("document.getElementById('grid').dataset.state === 'done'", timeout=120_000)

@@ -230,6 +230,7 @@ async function loadConfig() {
   $("steps").max = config.limits.max_steps;
   $("num_samples").max = maxDigits = config.limits.max_digits;
   $("model").textContent = config.model;
+  $("prompt").placeholder = "e.g. " + config.examples.map((p) => `"${p}"`).join(", ").replace(/, ([^,]*)$/, " or $1");
   grid.reset(config.defaults.num_samples);
 }
 
