@@ -4,8 +4,8 @@ no traceback, and nothing written.
 Every case in CASES runs in this process exactly as ``python SCRIPT ARGS`` would run it (runpy
 with ``__name__ == "__main__"``, the case's argv, environment and a fresh working folder): the
 script's whole path from argument parsing to ``errors.run_cli``, without paying ~4 s of imports
-per case. The cases marked ``process=True`` also run as real subprocesses, all at once, to check
-what a shell sees. "Nothing written" is checked by comparing every file under the test's folder
+per case. One case per script, marked ``process=True``, also runs as a real subprocess (all at once),
+to check what a shell sees. "Nothing written" is checked by comparing every file under the test's folder
 (outputs, checkpoints, data) before and after.
 """
 
@@ -108,7 +108,6 @@ CASES = [
         ("--global_batch_size", "64"),
         r"--global_batch_size 64 does not split evenly over world size 3; use a multiple of 3",
         env={"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"},
-        process=True,
     ),
     Case(
         "train-cuda-absent",
@@ -251,7 +250,6 @@ CASES = [
         "sample.py",
         ("--prompt", "7", "--checkpoint", "{flipped.pt}", "--out", "{new}/x.png"),
         r"checkpoint .*flipped\.pt is corrupt \(checksum mismatch",
-        process=True,
     ),
     Case(
         "sample-other-text-encoder",
@@ -400,6 +398,7 @@ def test_the_table_is_large_and_covers_every_script():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
     scripts = {c.script for c in CASES}
     assert scripts == {"train.py", "sample.py", "evaluate.py"}
+    assert sorted(c.script for c in CASES if c.process) == sorted(scripts)  # one real process per script
     assert all((ROOT / script).is_file() for script in scripts)
 
 

@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +25,13 @@ from evaluation.metrics import accuracy_by, conditional_accuracy, frechet_distan
 from evaluation.reference import split_halves
 from evaluation.styles import StyleReference, evaluate_styles, style_picture_rows, style_tables
 from runtime.errors import UserError
-from tests.helpers import ROOT
+from tests.helpers import PROCESS_ENV, ROOT
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=PROCESS_ENV, capture_output=True, text=True, timeout=600
+    )
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -186,25 +186,6 @@ def test_an_added_attribute_is_captioned_and_reported_with_no_other_edit():
 
 
 # ----------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_eval")
-    check(
-        run(
-            "train.py",
-            "--config",
-            "configs/tiny.yaml",
-            "--output_dir",
-            str(out),
-            "--eval_every",
-            "1",
-            "--eval_samples",
-            "2",
-        )
-    )
-    return out
-
-
 @pytest.mark.slow
 def test_training_logs_judge_metrics(tiny_run):
     lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -233,6 +214,8 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
             "5",
             "--batch_size",
             "16",
+            "--style_samples",
+            "2",
         )
     )
     assert "| seen wordings | 30 |" in proc.stdout and "### guidance sweep" in proc.stdout
@@ -261,6 +244,7 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
         assert sets["all"]["accuracy"] == pytest.approx(all_correct / 60)
         templates = result["per_template"]
         assert len(templates) == 8 + 3 and sum(t["samples"] for t in templates) == 60
+        assert result["styles"]["per_prompt"] == 2  # --style_samples
     plot = Image.open(checkpoint.parent / f"{stem}.png")
     assert plot.format == "PNG" and plot.width > 600
 
