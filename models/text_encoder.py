@@ -35,9 +35,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.model import _build_text_tower
 
 from data.tokens import CONTEXT_LENGTH, MODEL_NAME, tokenizer
 from runtime.errors import UserError
@@ -178,6 +176,8 @@ def check_compatible(saved_record: dict, encoder_record: dict) -> None:
 
 def built_with() -> dict[str, str]:
     """The library versions that decide a seeded random tower's values."""
+    import open_clip  # here and below, not at the top: `import text2digit` then costs no open_clip (~2.7 s)
+
     return {"torch": torch.__version__.split("+")[0], "open_clip": open_clip.__version__}
 
 
@@ -243,6 +243,9 @@ def _random_tower(seed: int, quick_gelu: bool) -> torch.nn.Module:
 
     Initialised on the CPU from ``seed`` without touching the caller's global RNG state.
     """
+    import open_clip
+    from open_clip.model import _build_text_tower
+
     config = open_clip.get_model_config(MODEL_NAME)
     text_cfg = dict(config["text_cfg"], context_length=CONTEXT_LENGTH, output_tokens=True)
     with torch.random.fork_rng(devices=[]):
