@@ -23,7 +23,7 @@ from data.captions import VOCABULARIES
 from data.shapes import IMAGE_SIZE
 from ddpm import DEFAULT_SAMPLING, DiffusionConfig, SamplingOptions
 from ddpm.options import refused_as
-from models.checkpoint import DEFAULT_OUTPUT_DIR
+from models.checkpoint import DEFAULT_OUTPUT_DIR, config_section
 from models.unet import UNetConfig
 from runtime.devices import COMPILE_CHOICES, PRECISIONS
 from runtime.errors import UserError
@@ -97,15 +97,8 @@ class TrainConfig:
     def from_flat(cls, values: Mapping[str, Any]) -> TrainConfig:
         """A config from flat key/value pairs (a YAML file, flags, a checkpoint's record); every key must exist."""
         keys = flat_fields()
-        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-        top = {}
-        for key, value in values.items():
-            section, f = keys[key]
-            if isinstance(value, list) and section:
-                value = tuple(value)
-            (sections[section] if section else top)[f.name] = value
-        built = {name: SECTIONS[name](**fields) for name, fields in sections.items()}
-        return cls(**top, **built)
+        top = {key: value for key, value in values.items() if keys[key][0] is None}  # KeyError: an unknown key
+        return cls(**top, **{name: config_section(kind, values) for name, kind in SECTIONS.items()})
 
     def to_flat(self) -> dict[str, Any]:
         """Every key and its value in plain Python types (lists, not tuples): what a checkpoint records."""
