@@ -22,6 +22,7 @@ from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,8 +30,9 @@ from data.captions import EMPTY_PROMPT, Vocabulary, plan_prompts
 from data.images import save_grid
 from data.mnist import load_mnist, mnist_cache_dir
 from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions
-from ddpm.options import add_flags, flag_values, refused_as, shown, to_json
+from ddpm.options import InvalidRequest, add_flags, flag_values, refused_as, shown, to_json
 from evaluation.judge import JUDGE_PATH, judge_record
+from evaluation.prompts import evaluate_prompts, prompt_summary, prompt_tables
 from evaluation.reference import RealReference
 from evaluation.report import plot_sweep, result_tables, sweep_table
 from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables, summary
@@ -41,7 +43,7 @@ from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, writable_folder
 from runtime.flags import CliParser, require_positive
-from text2digit import Request, Text2Digit, flag
+from text2digit import MAX_IMAGES, Request, Text2Digit, flag
 
 PICTURE_COLUMNS = 8
 SHIPPED_RESULTS = DEFAULT_OUTPUT_DIR.parent / "pretrained"  # outputs/pretrained
@@ -67,12 +69,18 @@ def build_parser() -> CliParser:
         help="classifier-free guidance scale, or a comma list to sweep",
     )
     add_flags(p, SamplingOptions, skip=("guidance_scale",))  # --sampler, --steps, ... as in sample.py
-    add_flags(p, Request, only=("seed",))
+    add_flags(p, Request, only=("seed", "unknown_words"))
     p.add_argument(
         "--style_samples",
         type=int,
         default=20,
         help="images per style prompt (a thick 7, ...) for a model trained on style captions; 0: none",
+    )
+    p.add_argument(
+        "--prompt_samples",
+        type=int,
+        default=20,
+        help="images per digit of each wording and style word in the prompt benchmark (evaluation/prompts.py); 0: none",
     )
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
     p.add_argument("--data_dir", help="folder holding MNIST (default: the cache)")
@@ -85,11 +93,12 @@ def parse_args(argv: list[str]):
     """The flags, every value checked before any work (the sampling options by their declared rules)."""
     args = build_parser().parse_args(argv)
     require_positive(args, ("num_samples", "batch_size"))
-    if args.style_samples < 0:
-        raise UserError(f"--style_samples must be >= 0, got {args.style_samples}")
+    for name in ("style_samples", "prompt_samples"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     args.guidance_scale = parse_scales(args.guidance_scale)
     with refused_as(flag):  # every value checked by the declaration's rules, before any work
-        Request((), seed=args.seed)
+        Request((), seed=args.seed, unknown_words=args.unknown_words)
         fixed = flag_values(args, SamplingOptions, skip=("guidance_scale",))
         args.options = [SamplingOptions(**fixed, guidance_scale=scale) for scale in args.guidance_scale]
     return args
@@ -103,9 +112,10 @@ def output_path(args, checkpoint: Path, suffix: str) -> Path:
         for name in OTHER_OPTIONS
         if getattr(args.options[0], name) != getattr(DEFAULT_SAMPLING, name)
     )
+    unknown = "" if args.unknown_words == "auto" else f"_unknown-words-{args.unknown_words}"
     return results_dir(checkpoint) / (
         f"{checkpoint.stem}_eval_{args.sampler}_{args.steps}steps_cfg{scales}"
-        f"_n{args.num_samples}_seed{args.seed}{others}{suffix}"
+        f"_n{args.num_samples}_seed{args.seed}{others}{unknown}{suffix}"
     )
 
 
@@ -119,7 +129,10 @@ def sample_plan(
     shared_noise: bool = False,
 ):
     """uint8 [len(prompts), per_prompt, 28, 28] through the pipeline, with a progress bar on stderr."""
-    request = Request(tuple(prompts), per_prompt, options, args.seed, negative_prompt, shared_noise=shared_noise)
+    request = Request(
+        tuple(prompts), per_prompt, options, args.seed, negative_prompt,
+        unknown_words=args.unknown_words, shared_noise=shared_noise,
+    )  # fmt: skip
     label = f"guidance {options.guidance_scale:g}" + (f', negative "{negative_prompt}"' if negative_prompt else "")
     with tqdm(total=len(prompts) * per_prompt, desc=label, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
         return pipe.generate(request, batch_size=args.batch_size, progress=bar.update)
@@ -173,8 +186,15 @@ def style_reference(args, vocabulary: Vocabulary) -> StyleReference | None:
 
 
 def style_sampler(pipe: Text2Digit, options: SamplingOptions, args) -> SampleFn:
-    """Images of style prompts, image j of every prompt from the same seed: only the words differ."""
-    return lambda prompts, per_prompt, negative: sample_plan(pipe, prompts, options, args, per_prompt, negative, True)
+    """Images of style prompts, image j of every prompt from the same seed: only the words differ. In
+    requests of at most MAX_IMAGES, which that shared noise leaves unchanged."""
+
+    def sample(prompts: list[str], per_prompt: int, negative: str) -> np.ndarray:
+        chunk = MAX_IMAGES // per_prompt
+        parts = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
+        return np.concatenate([sample_plan(pipe, part, options, args, per_prompt, negative, True) for part in parts])
+
+    return sample
 
 
 def style_picture(sample, vocabulary: Vocabulary) -> Callable[[Path], None]:
@@ -196,11 +216,30 @@ def evaluate_scale(pipe: Text2Digit, options: SamplingOptions, plan, references,
         result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
         result["styles"]["summary"] = summary(result["styles"])  # what models/pretrained.py records
         picture = style_picture(sample, styles.vocabulary)
+    if args.prompt_samples:
+        sample = style_sampler(pipe, options, args)
+        benchmark = evaluate_prompts(sample, judge, args.prompt_samples, refusal(pipe, args))
+        result["prompts"] = {**benchmark, "summary": prompt_summary(benchmark)}
     result["seconds"] = time.perf_counter() - t0
     print(result_tables(result), flush=True)
     if styles is not None:
         print(style_tables(result["styles"], styles.vocabulary), flush=True)
+    if args.prompt_samples:
+        print(prompt_tables(result["prompts"]), flush=True)
     return result, picture
+
+
+def refusal(pipe: Text2Digit, args) -> Callable[[str], str | None]:
+    """The pipeline's one-line answer to a prompt it will not draw, or None when it draws it."""
+
+    def answer(prompt: str) -> str | None:
+        try:
+            pipe.check(Request((prompt,), unknown_words=args.unknown_words))
+        except InvalidRequest as err:
+            return str(err)
+        return None
+
+    return answer
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def parse_args(argv: list[str]):
     with refused_as(flag):
         values = {**flag_values(args, Request), **flag_values(args, SamplingOptions)}
         args.request = make_request(**values)
-        args.warnings = args.request.validate()
+        args.request.validate()  # what needs no model; the rest once it is loaded
     require_positive(args, ("batch_size",))
     return args
 
@@ -118,12 +118,14 @@ def main() -> None:
 def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> None:
     path = find_model(args.checkpoint, args.output_dir)
     pipe = Text2Digit(load_trained_model(path, device, args.text_encoder), use_bf16(args.precision, device))
-    for warning in args.warnings:
+    with refused_as(flag):  # what only the model can tell: its number of timesteps, the words it knows
+        warnings = pipe.check(args.request)
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     warn_about_negative_prompt(args)
     recorder = TrajectoryRecorder(args.steps) if gif else None
     start = time.perf_counter()
-    with refused_as(flag):  # what only the model can tell: its number of timesteps
+    with refused_as(flag):
         digits = pipe.generate(args.request, callback=recorder, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
     save_grid(list(digits), [f'"{p}"' for p in args.prompts], out)

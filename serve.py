@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI
-from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -78,11 +77,12 @@ class Body(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    def to_request(self, num_train_timesteps: int) -> Request:
-        """The pipeline's request, checked by its rules and the page's limits (InvalidRequest otherwise)."""
+    def to_request(self, pipe: Text2Digit) -> Request:
+        """The pipeline's request, checked by its rules, the model's and the page's limits (InvalidRequest
+        otherwise)."""
         values = {FIELDS[name]: from_json(value) for name, value in self.model_dump().items()}
         request = make_request(**values)
-        request.validate(num_train_timesteps, max_images=MAX_DIGITS)
+        pipe.check(request, max_images=MAX_DIGITS)
         return request
 
 
@@ -281,13 +281,12 @@ def create_app(pipe: Text2Digit, threads: int = 0, defaults: Mapping[str, Any] |
         worker.stop()
 
     app = FastAPI(title="text2digit", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.num_train_timesteps = pipe.model.diffusion.num_train_timesteps
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, malformed_request)
 
-    def checked(body: body, http: HttpRequest) -> Request:  # this app's body: annotations evaluate here
+    def checked(body: body) -> Request:  # this app's body: annotations evaluate here
         """The request to sample, as a dependency: it runs, and may refuse, before the event stream opens."""
-        return body.to_request(http.app.state.num_train_timesteps)
+        return body.to_request(pipe)
 
     @app.get("/api/config")
     def get_config() -> dict:
@@ -377,7 +376,7 @@ def main() -> None:
     sock = listening_socket(args.host, args.port)
     pipe = Text2Digit.from_checkpoint(find_model(args.checkpoint, args.output_dir), args.device, args.precision)
     with refused_as(flag):
-        args.example.validate(pipe.model.diffusion.num_train_timesteps, MAX_DIGITS)
+        pipe.check(args.example, MAX_DIGITS)
     app = create_app(pipe, args.threads, args.defaults)
     print(f"serving text2digit on {url_of(sock)} (model: {describe(pipe)})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)

@@ -7,10 +7,11 @@
     images = pipe("7", negative_prompt="thick", output="pil")     # [[8 PIL images]]
 
 Every request is checked in one place: the rules declared with its fields (:class:`Request` and
-``ddpm.SamplingOptions``), plus :meth:`Request.validate` for prompts that are empty or longer than the
-text encoder's 8 tokens. A bad input raises an :class:`InvalidRequest` subclass whose message names it;
-the command lines spell those names as their flags, the page's API as its fields. sample.py,
-evaluate.py and serve.py all sample through this class.
+``ddpm.SamplingOptions``), plus :meth:`Request.validate` for prompts that are empty, that do not name
+exactly one digit (data/prompts.py), or that are longer than the text encoder's 8 tokens once the
+words the model was not trained on are left out. A bad input raises an :class:`InvalidRequest`
+subclass whose message names it; the command lines spell those names as their flags, the page's API as
+its fields. sample.py, evaluate.py and serve.py all sample through this class.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from PIL import Image
 
 from data.captions import EMPTY_PROMPT
 from data.images import to_uint8
+from data.prompts import Reader, named
 from data.shapes import IMAGE_SHAPE
 from data.tokens import CONTEXT_LENGTH, truncated_prompt
 from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions, generate
@@ -36,6 +38,7 @@ from runtime.devices import pick_device, use_bf16
 
 # step index, timestep, x_t and the x0 prediction of the batch being sampled (uint8 [B, 28, 28])
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+UNKNOWN_WORDS = ("auto", "drop", "keep")
 MAX_IMAGES = 4096  # per request: beyond this, split it (memory and time grow linearly)
 
 
@@ -45,6 +48,43 @@ class EmptyPrompt(InvalidRequest):
 
 class PromptTooLong(InvalidRequest):
     """A prompt the text encoder would cut, and truncation was not allowed."""
+
+
+class NotOneDigit(InvalidRequest):
+    """A prompt that names no digit, two different digits, or a number of more than one digit."""
+
+
+UNKNOWN = "words the model was not trained on are left out"
+UNKNOWN_DROPPED = f"{UNKNOWN}: its text encoder is the seeded random one, which cannot know them"
+UNKNOWN_DROPPED_TO_FIT = f"{UNKNOWN}, last first, to fit the encoder's {CONTEXT_LENGTH} tokens"
+
+
+def _check_names_one_digit(prompt: str, read: str) -> None:
+    """Raise NotOneDigit unless ``read`` (what the encoder reads of ``prompt``) names exactly one digit."""
+    names = named(read)
+    if names.digit is not None:
+        return
+    if names.numbers:
+        number = names.numbers[0]
+        raise NotOneDigit(
+            "prompts",
+            "prompt {prompt!r} names the number {number}, and an image is one digit: give each a prompt of its own",
+            prompt=prompt, number=number,
+        )  # fmt: skip
+    if names.digits:
+        raise NotOneDigit(
+            "prompts",
+            "prompt {prompt!r} names {digits} different digits ({listed}), and an image is one digit: "
+            "give each a prompt of its own, e.g. {prompts} {first!r}",
+            prompt=prompt, digits=len(set(names.digits)), listed=", ".join(map(str, dict.fromkeys(names.digits))),
+            first=str(names.digits[0]),
+        )  # fmt: skip
+    cut = "" if read == prompt else f" in the {CONTEXT_LENGTH} tokens the encoder reads ({read!r})"
+    raise NotOneDigit(
+        "prompts",
+        "prompt {prompt!r} names no digit{cut}; name the one to draw, as a numeral or a word: \"7\", \"a thin seven\"",
+        prompt=prompt, cut=cut,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,24 +110,51 @@ class Request:
     allow_truncation: bool = option(
         False, help=f"accept prompts longer than the text encoder's {CONTEXT_LENGTH} tokens, cut to their first words"
     )
+    unknown_words: str = option(
+        "auto",
+        help="words the model was never trained on: drop them before the text encoder reads the prompt, keep "
+        "them, or auto: drop them when the encoder is the seeded random tower, which cannot know them",
+        choices=UNKNOWN_WORDS,
+    )
     shared_noise: bool = False
 
     def __post_init__(self) -> None:
         check(self)
 
-    def validate(self, num_train_timesteps: int | None = None, max_images: int = MAX_IMAGES) -> list[str]:
+    def validate(
+        self,
+        num_train_timesteps: int | None = None,
+        max_images: int = MAX_IMAGES,
+        reader: Reader | None = None,
+    ) -> list[str]:
         """Raise InvalidRequest for the first bad input; the warnings to show otherwise. ``max_images``
-        caps the request's images (a server takes fewer), and a model's ``num_train_timesteps`` its steps."""
+        caps the request's images (a server takes fewer), a model's ``num_train_timesteps`` its steps, and
+        its ``reader`` (data/prompts.py) what the text encoder is given for each prompt: without it, what
+        the encoder reads is left for the check with the model."""
         if not self.prompts:
             raise EmptyPrompt("prompts", '{prompts} holds no prompt; give the digit to draw, e.g. {prompts} "7"')
         for prompt in self.prompts:
             if not prompt.strip():
                 raise EmptyPrompt("prompts", '{prompts} is empty; give the digit to draw, e.g. {prompts} "7"')
+            _check_names_one_digit(prompt, prompt)
         self._check_size(max_images)
         if num_train_timesteps is not None:
             self.options.check_model(num_train_timesteps)
+        if reader is None:
+            return []
         named = [*(("prompts", p) for p in self.prompts), ("negative_prompt", self.negative_prompt)]
-        return [self._check_length(p, field) for field, p in named if truncated_prompt(p) is not None]
+        return [warning for field, prompt in named for warning in self._check_reading(field, prompt, reader)]
+
+    def _check_reading(self, field: str, prompt: str, reader: Reader) -> list[str]:
+        read = reader.read(prompt)
+        why = UNKNOWN_DROPPED if reader.drop_unknown else UNKNOWN_DROPPED_TO_FIT
+        warnings = [] if read == prompt else [f"prompt {prompt!r} is read as {read!r}: {why}"]
+        kept = truncated_prompt(read)
+        if kept is not None:
+            warnings.append(self._check_length(read, field))
+            if field == "prompts":
+                _check_names_one_digit(prompt, kept)
+        return warnings
 
     def _check_size(self, max_images: int) -> None:
         images = self.num_samples * len(self.prompts)
@@ -172,6 +239,16 @@ class Text2Digit:
         images = self.generate(make_request(prompts, **values), callback=callback)
         return [[Image.fromarray(image) for image in row] for row in images] if output == "pil" else images
 
+    def check(self, request: Request, max_images: int = MAX_IMAGES) -> list[str]:
+        """Validate ``request`` for this model (InvalidRequest otherwise); the warnings to show."""
+        return request.validate(self.model.diffusion.num_train_timesteps, max_images, self.reader(request))
+
+    def reader(self, request: Request) -> Reader:
+        """What the text encoder is given for the request's prompts (data/prompts.py)."""
+        random = self.model.encoder.kind == "random"
+        drop = request.unknown_words == "drop" or (request.unknown_words == "auto" and random)
+        return Reader(self.model.vocabulary.known_words, drop)
+
     def generate(
         self,
         request: Request,
@@ -180,10 +257,12 @@ class Text2Digit:
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """uint8 [prompts, num_samples, 28, 28] for a request (validated here)."""
-        request.validate(self.model.diffusion.num_train_timesteps)
-        unique = list(dict.fromkeys(request.prompts))  # each prompt encoded once, however often it is asked for
-        tokens, _ = self.model.encoder.encode([*unique, request.negative_prompt])
-        rows = torch.tensor([unique.index(p) for p in request.prompts], device=tokens.device)
+        self.check(request)
+        reader = self.reader(request)
+        prompts, negative = [reader.read(p) for p in request.prompts], reader.read(request.negative_prompt)
+        unique = list(dict.fromkeys(prompts))  # each prompt encoded once, however often it is asked for
+        tokens, _ = self.model.encoder.encode([*unique, negative])
+        rows = torch.tensor([unique.index(p) for p in prompts], device=tokens.device)
         cond = tokens[rows].repeat_interleave(request.num_samples, dim=0)
         indices = np.arange(len(cond))
         if request.shared_noise:

@@ -5,17 +5,20 @@ from, and the plans by which evaluation prompts the model.
 A vocabulary is a named, frozen definition (``Vocabulary``) in ``VOCABULARIES``; the config key
 ``captions`` names one, and a checkpoint records its name and ``fingerprint``. A vocabulary that a
 model was trained on is never edited: other captions are another entry, so a checkpoint keeps meaning
-the captions it was trained on. The two today:
+the captions it was trained on. The three today:
 
 - ``digits``: the digit alone, in eight wordings ("7", "seven", "the digit 7", "a handwritten seven", ...).
   What checkpoints from before the style captions were trained with.
-- ``styles`` (default): those, plus captions that say how the digit is written, from Morpho-MNIST
-  measurements of each training image (``data/morphometry.py``): the attributes in which it lies in
-  the outer quarters *of its own digit class*: "thin"/"thick" stroke, "narrow"/"wide", "slanted
-  left"/"slanted right". An image is captioned, uniformly, by any subset of its unusual attributes
-  (the empty subset gives the plain wordings, so "7" keeps meaning every 7), in several wordings
-  ("a thin 7 slanted left", "a thin seven slanted left", "thin 7 slanted left", and without the
-  digit, "thin slanted left", which gives negative prompts such as "thick" their meaning).
+- ``styles``: those, plus captions that say how the digit is written, from Morpho-MNIST measurements
+  of each training image (``data/morphometry.py``): the attributes in which it lies in the outer
+  quarters *of its own digit class*: "thin"/"thick" stroke, "narrow"/"wide", "slanted left"/"slanted
+  right". An image is captioned, uniformly, by any subset of its unusual attributes (the empty subset
+  gives the plain wordings, so "7" keeps meaning every 7), in several wordings ("a thin 7 slanted
+  left", "a thin seven slanted left", "thin 7 slanted left", and without the digit, "thin slanted
+  left", which gives negative prompts such as "thick" their meaning).
+- ``free-text`` (default): those, and as many again generated (``FreeText``): synonyms ("bold",
+  "italic"), other frames ("draw a 7"), other word orders, and words the model cannot use, drawn from
+  the tokenizer's own BPE vocabulary, so that a prompt typed freely still gets its digit.
 
 Held out: some (digit, attribute value) pairs appear in no caption ("thick" with 4, "wide" with 1,
 ...). Those images are still trained on, under their other words, so a held-out prompt joins a word
@@ -29,6 +32,7 @@ the style report (evaluation/styles.py) picks it up.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -41,10 +45,19 @@ import numpy as np
 import torch
 
 from data.shapes import MEASURES, NUM_DIGITS
-from data.tokens import CONTEXT_LENGTH, prompt_tokens
+from data.tokens import CONTEXT_LENGTH, prompt_tokens, tokenizer, words_of
 
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 EMPTY_PROMPT = ""  # the unconditional prompt for classifier-free guidance
+PUNCTUATION = (",", "!", "?", ":", ";")  # trained as distractors; "." is kept for evaluation ("7.")
+NUMBER_WORDS = (
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+    "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand", "million",
+    "billion", "dozen",
+)  # fmt: skip  # words for numbers of more than one digit
+# Never distractors: words about numbers, and negations, which would teach "not thick" to mean thick.
+NOT_DISTRACTORS = (*NUMBER_WORDS, "digits", "numbers", "numeral", "numerals", "none", "nil", "not", "no", "non",
+                   "never", "without", "nor", "neither", "nothing", "except")  # fmt: skip
 Style = tuple[int, ...]  # per attribute of a vocabulary: -1 low, +1 high, 0 ordinary (or not mentioned)
 
 
@@ -69,6 +82,81 @@ class Attribute:
 
 
 @dataclass(frozen=True)
+class FreeText:
+    """What a vocabulary says beyond its canonical captions, so that a freely typed prompt still gets its
+    digit: synonyms of each attribute word, frames around the digit ("draw a {}"), and words it cannot use.
+
+    Each digit in each mentioned style gets ``variants`` more captions (the plain digit ``plain_variants``)
+    from a generator seeded by ``seed``, the digit and the style: the digit as a numeral or a word (or, in
+    about one in ten styled ones, left out, as in the canonical captions), each attribute said by its word
+    or a trained synonym, mostly where that word goes (one word before the digit, two after), in a
+    random frame, then ``distractor_counts`` distractors at random places: a punctuation mark, or a
+    one-token word of the text encoder's own BPE vocabulary that no caption uses, so that the model
+    learns that a word it cannot use changes nothing. The variants make up ``variant_share`` of the
+    captions drawn. Kept from training entirely, for evaluation: every word of the held-out synonyms
+    and wordings, and a sixteenth of the BPE words (``is_evaluation_word``)."""
+
+    synonyms: tuple[tuple[str, tuple[str, ...]], ...]  # (an attribute's word, its trained synonyms)
+    held_out_synonyms: tuple[tuple[str, tuple[str, ...]], ...]  # (an attribute's word, synonyms never trained)
+    frames: tuple[str, ...]  # trained frames of the digit's phrase "{}"
+    unknown_wordings: tuple[str, ...]  # prompts with words never trained, for evaluation ("{d}", "{word}": the digit)
+    variants: int = 12
+    plain_variants: int = 96
+    variant_share: float = 0.25  # of the captions drawn; the canonical ones make up the rest
+    distractor_counts: tuple[int, ...] = (0, 0, 1, 1, 2)  # a variant's number of distractors, drawn uniformly
+    seed: int = 0
+
+    def words_for(self, word: str) -> tuple[str, ...]:
+        """An attribute's word and its trained synonyms."""
+        return (word, *dict(self.synonyms).get(word, ()))
+
+    def variants_of(self, vocabulary: Vocabulary, digit: int, style: Style) -> list[str]:
+        """The generated captions of ``digit`` in ``style`` (see the class docstring), in a fixed order."""
+        rng = np.random.default_rng([self.seed, digit, *(v + 1 for v in style)])
+        pool = training_words(vocabulary)
+        count = self.variants if any(style) else self.plain_variants
+        captions: dict[str, None] = {}
+        for _ in range(4 * count):  # a draw that cannot be made to fit, or a repeat, is drawn again
+            caption = self._variant(vocabulary, rng, digit, style, pool)
+            if caption is not None:
+                captions[caption] = None
+            if len(captions) == count:
+                break
+        return list(captions)
+
+    def _variant(self, vocabulary: Vocabulary, rng: np.random.Generator, digit: int, style: Style,
+                 pool: Sequence[str]) -> str | None:  # fmt: skip
+        said = [_pick(rng, self.words_for(a.word(v))) for a, v in zip(vocabulary.attributes, style) if v]
+        swapped = [rng.random() < 0.25 for _ in said]
+        before = [w for w, swap in zip(said, swapped) if (" " not in w) != swap]
+        after = [w for w, swap in zip(said, swapped) if (" " not in w) == swap]
+        noun = None if said and rng.random() < 0.1 else _pick(rng, (str(digit), DIGIT_WORDS[digit]))
+        prefix, suffix = (_pick(rng, self.frames) if noun else "{}").split("{}")
+        placed = _with_articles([*prefix.split(), *before, *([noun] if noun else []), *after, *suffix.split()])
+        distractors = [_pick(rng, PUNCTUATION) if rng.random() < 0.15 else _pick(rng, pool)
+                       for _ in range(_pick(rng, self.distractor_counts))]  # fmt: skip
+        for word in distractors:  # between words: never inside a two-word attribute such as "slanted left"
+            placed.insert(int(rng.integers(len(placed) + 1)), word)
+        while not fits(" ".join(placed)) and distractors:  # fewer distractors until the caption fits
+            placed.remove(distractors.pop())
+        return " ".join(placed) if fits(" ".join(placed)) else None
+
+
+def _pick(rng: np.random.Generator, choices: Sequence):
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _with_articles(words: list[str]) -> list[str]:
+    """ "a" or "an" as the next word needs ("an 8", "an eight", "a one", "a thick 7")."""
+    return [
+        ("an" if words[i + 1][0] in "aeio8" and words[i + 1] != "one" else "a")
+        if w in ("a", "an") and i + 1 < len(words)
+        else w
+        for i, w in enumerate(words)
+    ]
+
+
+@dataclass(frozen=True)
 class Vocabulary:
     """The captions a model is trained on and evaluated with. "{d}" in a template is the numeral,
     "{word}" the English word. Without attributes, an image is captioned by its digit alone."""
@@ -79,6 +167,7 @@ class Vocabulary:
     attributes: tuple[Attribute, ...] = ()
     held_out_pairs: frozenset[tuple[int, str]] = field(default_factory=frozenset)  # (digit, word) never said
     outer_quantile: float = 0.25  # below it within the digit's class: the low word; above 1 - it: the high word
+    free_text: FreeText | None = None  # synonyms, more wordings and distractor words (None: the canonical captions)
 
     def __post_init__(self) -> None:
         """Catches what would otherwise do nothing, silently: a held-out word no attribute says, say."""
@@ -89,6 +178,25 @@ class Vocabulary:
         problems += [f"outer quantile {self.outer_quantile} not in (0, 0.5)"] * (not 0 < self.outer_quantile < 0.5)
         if problems:
             raise ValueError(f"vocabulary {self.name!r}: {'; '.join(problems)}")
+
+    @functools.cached_property
+    def known_words(self) -> frozenset[str]:
+        """The words (as the tokenizer splits them) of this vocabulary's captions, distractors aside."""
+        frames = self.free_text.frames if self.free_text else ()
+        synonyms = [w for a in self.attributes for v in (-1, 1) for w in self._words_for(a.word(v))]
+        text = " ".join([*self.templates, *frames, *synonyms, *DIGIT_WORDS, *map(str, range(NUM_DIGITS)), "a an"])
+        return frozenset(words_of(text.replace("{d}", "").replace("{word}", "").replace("{}", "")))
+
+    @functools.cached_property
+    def held_out_words(self) -> frozenset[str]:
+        """Words of the held-out wordings and synonyms that no caption says: never distractors either."""
+        held = [*self.held_out_templates, *(self.free_text.unknown_wordings if self.free_text else ())]
+        held += [w for _, words in (self.free_text.held_out_synonyms if self.free_text else ()) for w in words]
+        text = " ".join(held).replace("{d}", "").replace("{word}", "")
+        return frozenset(words_of(text)) - self.known_words
+
+    def _words_for(self, word: str) -> tuple[str, ...]:
+        return self.free_text.words_for(word) if self.free_text else (word,)
 
     @functools.cached_property
     def styles(self) -> tuple[Style, ...]:
@@ -115,6 +223,8 @@ class Vocabulary:
             "held_out_pairs": sorted(self.held_out_pairs),
             "held_out_templates": list(self.held_out_templates),
         }
+        if self.free_text is not None:  # absent from older vocabularies' definitions, whose fingerprints stand
+            definition["free_text"] = dataclasses.asdict(self.free_text)
         return hashlib.sha256(json.dumps(definition).encode()).hexdigest()[:16]
 
     def style_prompt(self, digit: int | None, style: Style) -> str:
@@ -125,10 +235,17 @@ class Vocabulary:
         """Every training caption of ``digit`` in ``style`` (0: not mentioned) that fits the text
         encoder: the plain templates when nothing is mentioned."""
         if not any(style):
-            return prompts_for(digit, self.templates)
-        forms = [self._phrase(str(digit), style, True), self._phrase(DIGIT_WORDS[digit], style, True),
-                 self._phrase(str(digit), style, False), self._phrase(None, style, False)]  # fmt: skip
-        return [form for form in forms if fits(form)]
+            forms = prompts_for(digit, self.templates)
+        else:
+            forms = [self._phrase(str(digit), style, True), self._phrase(DIGIT_WORDS[digit], style, True),
+                     self._phrase(str(digit), style, False), self._phrase(None, style, False)]  # fmt: skip
+            forms = [form for form in forms if fits(form)]
+        if self.free_text is None:
+            return forms
+        variants = self.free_text.variants_of(self, digit, style)
+        share = self.free_text.variant_share
+        repeats = -(-round(len(variants) * (1 - share) / share) // len(forms))  # canonical: the rest of the draws
+        return forms * repeats + variants
 
     def mentionable(self, digit: int, style: Style) -> Style:
         """``style`` without the attribute values held out for ``digit``: they are never said of it."""
@@ -164,6 +281,58 @@ _PLAIN_WORDINGS = (
     "a handwritten {d}", "a handwritten {word}",
 )  # fmt: skip
 _HELD_OUT_WORDINGS = ("a handwritten number {word}", "the numeral {d}", "a picture of {word}")
+_STYLE_ATTRIBUTES = (
+    Attribute("thickness", "thin", "thick", "px", before=True),
+    Attribute("width", "narrow", "wide", "px", before=True),
+    Attribute("slant", "slanted left", "slanted right", "deg", before=False),  # positive: top leans right
+)
+_HELD_OUT_PAIRS = frozenset(
+    {(4, "thick"), (5, "thin"), (1, "wide"), (0, "narrow"), (9, "slanted left"), (3, "slanted right")}
+)
+_FREE_TEXT = FreeText(
+    synonyms=(
+        ("thick", ("bold", "fat")),
+        ("thin", ("light", "fine")),
+        ("wide", ("broad",)),
+        ("narrow", ("slim",)),
+        ("slanted right", ("italic", "leaning right")),
+        ("slanted left", ("leaning left", "backslanted")),
+    ),
+    held_out_synonyms=(
+        ("thick", ("heavy", "thick-stroked")),
+        ("thin", ("skinny", "thin-stroked")),
+        ("wide", ("extended",)),
+        ("narrow", ("condensed",)),
+        ("slanted right", ("tilted right",)),
+        ("slanted left", ("tilted left",)),
+    ),
+    frames=(
+        "{}",
+        "{}",
+        "{}",
+        "a {}",
+        "a {}",
+        "the {}",
+        "the digit {}",
+        "the number {}",
+        "handwritten {}",
+        "a handwritten {}",
+        "draw {}",
+        "draw a {}",
+        "an image of a {}",
+        "a drawing of a {}",
+    ),  # fmt: skip
+    unknown_wordings=(
+        "a faint thin-stroked {d}",
+        "{d}, please",
+        "i would like a {word}",
+        "a big red {d}",
+        "{word}!!!",
+        "quickly sketch a {d}",
+        "an elegant {word}",
+        "my lucky number {d}",
+    ),  # fmt: skip
+)
 # Never edit an entry a checkpoint was trained on (tests/test_captions.py pins their fingerprints): add one.
 VOCABULARIES: dict[str, Vocabulary] = {
     v.name: v
@@ -173,14 +342,24 @@ VOCABULARIES: dict[str, Vocabulary] = {
             "styles",
             _PLAIN_WORDINGS,
             _HELD_OUT_WORDINGS,
-            attributes=(
-                Attribute("thickness", "thin", "thick", "px", before=True),
-                Attribute("width", "narrow", "wide", "px", before=True),
-                Attribute("slant", "slanted left", "slanted right", "deg", before=False),  # positive: top leans right
-            ),
-            held_out_pairs=frozenset(
-                {(4, "thick"), (5, "thin"), (1, "wide"), (0, "narrow"), (9, "slanted left"), (3, "slanted right")}
-            ),
+            attributes=_STYLE_ATTRIBUTES,
+            held_out_pairs=_HELD_OUT_PAIRS,
+        ),
+        Vocabulary(
+            "free-text",
+            _PLAIN_WORDINGS,
+            (
+                *_HELD_OUT_WORDINGS,
+                "number {word}",
+                "digit {word}",
+                "the digit {d}, handwritten",
+                "write {word}",
+                "{d}.",
+                "please draw a {d}",
+            ),  # fmt: skip
+            attributes=_STYLE_ATTRIBUTES,
+            held_out_pairs=_HELD_OUT_PAIRS,
+            free_text=_FREE_TEXT,
         ),
     )
 }
@@ -191,6 +370,36 @@ def vocabulary_named(name: str) -> Vocabulary:
     if name not in VOCABULARIES:
         raise ValueError(f"captions must be one of {', '.join(VOCABULARIES)}, got {name!r}")
     return VOCABULARIES[name]
+
+
+# ----------------------------------------------------------------------------- distractor words
+def is_evaluation_word(word: str) -> bool:
+    """Whether a BPE word is kept for evaluation's distractors: a fixed sixteenth of them, by hash."""
+    return hashlib.sha256(word.encode()).digest()[0] < 16
+
+
+@functools.lru_cache(maxsize=4)
+def _distractor_words(vocabulary: Vocabulary) -> tuple[str, ...]:
+    """Every one-token word (three letters or more, ASCII) of the text encoder's BPE vocabulary that the
+    vocabulary neither says nor holds out, and that names no number and negates nothing."""
+    excluded = vocabulary.known_words | vocabulary.held_out_words | set(NOT_DISTRACTORS)
+    words = (token[: -len("</w>")] for token in tokenizer().encoder if token.endswith("</w>"))
+    return tuple(
+        w for w in words
+        if len(w) >= 3 and w.isascii() and w.isalpha() and w not in excluded and " " not in tokenizer().bpe(w)
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def training_words(vocabulary: Vocabulary) -> tuple[str, ...]:
+    """The distractor words training captions draw from."""
+    return tuple(w for w in _distractor_words(vocabulary) if not is_evaluation_word(w))
+
+
+@functools.lru_cache(maxsize=4)
+def evaluation_words(vocabulary: Vocabulary) -> tuple[str, ...]:
+    """Distractor words no training caption holds, for evaluation."""
+    return tuple(w for w in _distractor_words(vocabulary) if is_evaluation_word(w))
 
 
 # ----------------------------------------------------------------------------- wordings

@@ -39,7 +39,7 @@ MICRO = tiny_flags(
     checkpoint_every_steps=1,
     device="cpu",
 )
-LONG_PROMPT = "a picture of the handwritten digit seven"  # 9 CLIP tokens: "seven" would be cut
+LONG_PROMPT = "a thick wide handwritten 7 slanted left"  # 10 CLIP tokens ("slanted" is two), all words trained
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,18 @@ CASES = [
         process=True,
     ),
     Case(
+        "sample-two-digits",
+        "sample.py",
+        ("--prompt", "7", "--prompt", "3 or 8"),
+        r"prompt '3 or 8' names 2 different digits \(3, 8\), and an image is one digit: give each a prompt of its "
+        r"own, e\.g\. --prompt '3'",
+    ),
+    Case(
         "sample-over-long-prompt",
         "sample.py",
         ("--prompt", LONG_PROMPT, "--checkpoint", "{run}"),
-        r"prompt 'a picture of the handwritten digit seven' is longer than the text encoder's 8 tokens and would be "
-        r"truncated to 'a picture of the handwritten digit'; shorten it, or pass --allow_truncation",
+        r"prompt 'a thick wide handwritten 7 slanted left' is longer than the text encoder's 8 tokens and would be "
+        r"truncated to 'a thick wide handwritten 7 slan'; shorten it, or pass --allow_truncation",
     ),
     Case(
         "sample-negative-guidance",
@@ -459,7 +466,7 @@ def test_allow_truncation_samples_and_says_what_was_kept(inputs, tmp_path):
     status, stderr = run_in_process("sample.py", args, {}, tmp_path)
     assert status == 0, stderr
     assert (
-        f"warning: prompt '{LONG_PROMPT}' was truncated to 8 tokens: 'a picture of the handwritten digit'"
+        f"warning: prompt '{LONG_PROMPT}' was truncated to 8 tokens: 'a thick wide handwritten 7 slan'"
         in stderr.splitlines()
     )
     assert out.is_file()

@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from data.captions import VOCABULARIES
+from data.prompts import Reader
 from evaluation.judge import judge_images, load_judge
 from models.checkpoint import SHIPPED, shipped_record
 from tests.helpers import ROOT, state_bytes, train_tiny
-from text2digit import EmptyPrompt, InvalidRequest, OutOfRange, PromptTooLong, Request, Text2Digit
+from text2digit import EmptyPrompt, InvalidRequest, NotOneDigit, OutOfRange, PromptTooLong, Request, Text2Digit
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +56,25 @@ def test_same_seed_same_digits_and_a_callback_per_step(pipe):
     assert np.array_equal(shared[0], a[0, :2])  # the first prompt's images are unchanged
 
 
+def test_words_the_model_never_saw_are_left_out_for_the_random_text_tower_unless_kept(pipe):
+    """The shipped model's tower is the seeded random one: "a faint 7" is encoded as "a 7", bitwise; kept, the
+    unknown word changes what the encoder gives, and so the digits."""
+    settings = {"num_samples": 2, "steps": 3, "seed": 5}
+    assert pipe.model.encoder.kind == "random" and "faint" not in pipe.model.vocabulary.known_words
+    read = pipe("a faint 7", **settings)
+    assert np.array_equal(read, pipe("a 7", **settings)) and np.array_equal(
+        read, pipe("a 7", **settings, unknown_words="drop")
+    )
+    assert not np.array_equal(read, pipe("a faint 7", **settings, unknown_words="keep"))
+
+
 @pytest.mark.parametrize(
     "call,error,field",
     [
         (lambda p: p("  "), EmptyPrompt, "prompts"),
-        (lambda p: p("a picture of the handwritten digit seven"), PromptTooLong, "prompts"),
-        (
-            lambda p: p("7", negative_prompt="a picture of the handwritten digit seven"),
-            PromptTooLong,
-            "negative_prompt",
-        ),
+        (lambda p: p("a thick wide handwritten 7 slanted left"), PromptTooLong, "prompts"),
+        (lambda p: p("7", negative_prompt="a thick wide handwritten 7 slanted left"), PromptTooLong, "negative_prompt"),
+        (lambda p: p("3 or 8"), NotOneDigit, "prompts"),
         (lambda p: p("7", num_samples=0), OutOfRange, "num_samples"),
         (lambda p: p("7", steps=1001), OutOfRange, "steps"),
         (lambda p: p("7", guidance_scale=-1.0), OutOfRange, "guidance_scale"),
@@ -84,10 +95,9 @@ def test_bad_requests_raise_typed_errors_naming_the_input(pipe, call, error, fie
 
 
 def test_a_truncated_prompt_is_allowed_only_when_asked():
-    request = Request(("a picture of the handwritten digit seven",), allow_truncation=True)
-    assert request.validate() == [
-        "prompt 'a picture of the handwritten digit seven' was truncated to 8 tokens: "
-        "'a picture of the handwritten digit'"
+    request = Request(("a thick wide handwritten 7 slanted left",), allow_truncation=True)
+    assert request.validate(reader=Reader(VOCABULARIES["styles"].known_words)) == [
+        "prompt 'a thick wide handwritten 7 slanted left' was truncated to 8 tokens: 'a thick wide handwritten 7 slan'"
     ]
 
 

@@ -42,7 +42,7 @@ def test_every_output_and_the_negative_prompt(checkpoint, tmp_path, monkeypatch,
         "--prompt",
         "3",
         "--prompt",
-        "blurry",
+        "blurry 7",
         "--num_samples",
         3,
         "--steps",
@@ -58,18 +58,18 @@ def test_every_output_and_the_negative_prompt(checkpoint, tmp_path, monkeypatch,
         "--batch_size",
         4,
     ]
-    run_sample(monkeypatch, *common, "--negative_prompt", "blurry", "--save_individual", "--trajectory")
+    run_sample(monkeypatch, *common, "--negative_prompt", "blurry 7", "--save_individual", "--trajectory")
 
     folder, gif = tmp_path / "grid", tmp_path / "grid.gif"
     assert capsys.readouterr().out.split() == [str(out), str(folder), str(gif)]
     (_, _, cond, uncond, options), kwargs = calls[0]
-    assert torch.equal(uncond[0], cond[-1])  # the negative prompt's tokens, as "blurry"'s own row has them
+    assert torch.equal(uncond[0], cond[-1])  # the negative prompt's tokens, as "blurry 7"'s own row has them
     assert (options.eta, options.threshold, options.spacing, kwargs["seed"]) == (0.5, "dynamic", "trailing", 0)
 
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["0000_3.png", "0001_3.png", "0002_3.png", "0003_blurry.png", "0004_blurry.png", "0005_blurry.png"]
+    assert names == [f"000{i}_3.png" for i in range(3)] + [f"000{i}_blurry-7.png" for i in range(3, 6)]
     grid = np.asarray(Image.open(out))
-    tile = np.asarray(Image.open(folder / "0004_blurry.png"))  # row 1, column 1 of the grid, drawn at 2x
+    tile = np.asarray(Image.open(folder / "0004_blurry-7.png"))  # row 1, column 1 of the grid, drawn at 2x
     assert np.array_equal(grid[56:112, -112:-56][::2, ::2], tile)
     with Image.open(gif) as animation:
         assert animation.n_frames == 4 + 1  # every step, then the result

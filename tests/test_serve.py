@@ -37,7 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-TOO_LONG = "a picture of the handwritten digit seven"  # 9 tokens with start and end: the encoder takes 8
+TOO_LONG = "a thick wide handwritten 7 slanted left"  # 10 tokens with start and end, every word trained; 8 are read
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,8 @@ def test_a_frame_arrives_for_every_step(url):
         ({"prompt": "   "}, "prompt", "prompt is empty"),
         ({"prompt": TOO_LONG}, "prompt", "longer than the text encoder's 8 tokens"),
         ({"prompt": "7", "negative_prompt": TOO_LONG}, "negative_prompt", "longer than the text encoder's 8 tokens"),
+        ({"prompt": "3 or 8"}, "prompt", "names 2 different digits (3, 8), and an image is one digit"),
+        ({"prompt": "a cat"}, "prompt", "names no digit"),
         ({"prompt": "7", "steps": 0}, "steps", "steps must be at least 1"),
         ({"prompt": "7", "steps": 1001}, "steps", "exceeds the model's 1000 training timesteps"),
         ({"prompt": "7", "num_samples": 0}, "num_samples", "num_samples must be at least 1"),
@@ -136,11 +138,11 @@ def test_a_frame_arrives_for_every_step(url):
         ({"prompt": "7", "eta": 0.5}, "eta", "eta only applies to sampler ddim, not dpmpp_2m"),
     ],
 )
-def test_a_bad_request_gets_the_pipelines_message(url, body, field, fragment):
+def test_a_bad_request_gets_the_pipelines_message(url, pipe, body, field, fragment):
     response = httpx.post(f"{url}/api/generate", json=body)
     assert response.status_code == 400
     with pytest.raises(InvalidRequest) as refused:
-        GenerateBody(**body).to_request(1000)
+        GenerateBody(**body).to_request(pipe)
     assert response.json() == {"error": refused.value.render(api_name), "field": field}
     assert fragment in response.json()["error"]
 
@@ -198,7 +200,7 @@ def test_concurrent_requests_get_only_their_own_frames(url, pipe):
         frames, images = frames_and_result(stream)
         assert [f["step"] for f in frames] == list(range(body["steps"]))
         assert all(decode_images(f["x_t"]).shape == (body["num_samples"], 28, 28) for f in frames)
-        expected = pipe.generate(GenerateBody(**body).to_request(1000))[0]
+        expected = pipe.generate(GenerateBody(**body).to_request(pipe))[0]
         assert np.abs(images.astype(int) - expected).max() <= 1
 
 
@@ -314,7 +316,8 @@ def test_the_page_denoises_live_and_draws_the_prompted_digit(page, shipped_url):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("prompt", "fragment"), [(TOO_LONG, "longer than the text encoder's 8 tokens"), ("", "is empty")]
+    ("prompt", "fragment"),
+    [(TOO_LONG, "longer than the text encoder's 8 tokens"), ("", "is empty"), ("3 or 8", "names 2 different digits")],
 )
 def test_the_page_shows_why_a_prompt_is_refused(page, prompt, fragment):
     page.fill("#prompt", prompt)
