@@ -65,6 +65,8 @@ def _scores(result: dict) -> dict:
     scores.update({f"fmd_floor_{name}": s["fmd_floor"] for name, s in sets.items()})
     if "styles" in result:
         scores["styles"] = result["styles"]["summary"]  # evaluate.py's JSON carries it
+    if "prompts" in result:
+        scores["prompts"] = result["prompts"]["summary"]
     return {"guidance_scale": result["guidance_scale"], **scores}
 
 

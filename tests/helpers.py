@@ -49,6 +49,7 @@ def write_untrained_checkpoint(path: Path, **overrides) -> Path:
             "layers_per_block": 1,
             "head_dim": 16,
             "text_encoder": "random",
+            "captions": "styles",  # as configs/tiny.yaml
             **overrides,
         }
     )
