@@ -31,6 +31,8 @@ def prompt_tokens(prompt: str) -> int:
 
 @functools.cache
 def _chunk_tokens(chunk: str) -> int:
+    if chunk.isascii() and chunk.isalpha() and chunk.islower():  # one word as the tokenizer splits it: no cleaning
+        return len(tokenizer().bpe(chunk).split(" "))
     return len(tokenizer().encode(chunk))
 
 

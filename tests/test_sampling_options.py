@@ -43,11 +43,22 @@ BAD_VALUES = [
     ("guidance_rescale", ["1.5"], 1.5, "guidance_rescale must be in [0, 1], got 1.5"),
     ("num_samples", ["0"], 0, "num_samples must be at least 1, got 0"),
     ("seed", ["-1"], -1, "seed must be >= 0, got -1"),
+    ("unknown_words", ["sometimes"], "sometimes", "unknown_words must be one of auto, drop, keep, got 'sometimes'"),
 ]
 RULED = {f.name for cls in (Request, SamplingOptions) for f, rule in declared(cls) if rule.has_rule}
 # Which front ends take which field: evaluate.py has its own num_samples (per digit and prompt set).
 TAKES = {"sample.py": RULED, "serve.py": RULED, "evaluate.py": RULED - {"num_samples"}}
 PARSE = {"sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args, "serve.py": serve.parse_args}
+
+
+class ModelOf1000Steps:
+    """What serve's body asks of a pipeline: its check of a request, here for a model of 1000 timesteps."""
+
+    def check(self, request: Request, max_images: int) -> list[str]:
+        return request.validate(1000, max_images)
+
+
+PIPE = ModelOf1000Steps()
 
 
 def flags_of(parser) -> set[str]:
@@ -85,7 +96,7 @@ def test_every_front_end_starts_from_the_declared_defaults():
     assert sample.parse_args(["--prompt", "3"]).request == Request(("3",))
     assert evaluate.parse_args([]).options == [DEFAULT_SAMPLING]
     assert serve.parse_args([]).example == Request(("0",))
-    assert serve.GenerateBody(prompt="3").to_request(1000) == Request(("3",))
+    assert serve.GenerateBody(prompt="3").to_request(PIPE) == Request(("3",))
     for f in dataclasses.fields(SamplingOptions):
         assert serve.GenerateBody.model_fields[f.name].default == to_json(f.default)
 
@@ -101,7 +112,7 @@ def test_every_option_set_by_every_front_end_is_the_same_options():
     ]
     assert serve.parse_args([*words, "--guidance_scale", "2.5"]).example.options == options
     body = {f.name: to_json(getattr(options, f.name)) for f in dataclasses.fields(options)}
-    assert serve.GenerateBody(prompt="3", **body).to_request(1000).options == options
+    assert serve.GenerateBody(prompt="3", **body).to_request(PIPE).options == options
 
 
 @pytest.mark.parametrize("name,words,value,message", BAD_VALUES, ids=[f"{r[0]}-{r[1][0]}" for r in BAD_VALUES])
@@ -115,14 +126,14 @@ def test_a_bad_value_gets_the_same_message_everywhere(name, words, value, messag
             assert cli_error(script, [f"--{name}", *words]) == refused.value.render(flag), script
     if not (isinstance(value, float) and math.isnan(value)):
         with pytest.raises(InvalidRequest) as from_api:
-            serve.GenerateBody(prompt="3", **{name: to_json(value)}).to_request(1000)
+            serve.GenerateBody(prompt="3", **{name: to_json(value)}).to_request(PIPE)
         assert from_api.value.render(serve.api_name) == message and from_api.value.field == name
 
 
 def test_the_model_bound_on_steps_is_the_same_everywhere():
     message = "steps 1001 exceeds the model's 1000 training timesteps; use at most 1000"
     with pytest.raises(InvalidRequest) as refused:
-        serve.GenerateBody(prompt="3", steps=1001).to_request(1000)
+        serve.GenerateBody(prompt="3", steps=1001).to_request(PIPE)
     assert refused.value.render(serve.api_name) == message
     with pytest.raises(UserError, match=f"^--sample_{message}$"):  # train.py's flag for the same field
         TrainConfig(sample_steps=1001).validate()
