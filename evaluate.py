@@ -211,13 +211,12 @@ def evaluate_scale(pipe: Text2Digit, options: SamplingOptions, plan, references,
     t0 = time.perf_counter()
     images = sample_plan(pipe, plan.prompts, options, args)[:, 0]
     result, picture = {"guidance_scale": options.guidance_scale, **score(images, plan, judge, reference)}, None
+    sample = style_sampler(pipe, options, args)
     if styles is not None:
-        sample = style_sampler(pipe, options, args)
         result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
         result["styles"]["summary"] = summary(result["styles"])  # what models/pretrained.py records
         picture = style_picture(sample, styles.vocabulary)
     if args.prompt_samples:
-        sample = style_sampler(pipe, options, args)
         benchmark = evaluate_prompts(sample, judge, args.prompt_samples, refusal(pipe, args))
         result["prompts"] = {**benchmark, "summary": prompt_summary(benchmark)}
     result["seconds"] = time.perf_counter() - t0

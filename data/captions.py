@@ -132,7 +132,7 @@ class FreeText:
         after = [w for w, swap in zip(said, swapped) if (" " not in w) == swap]
         noun = None if said and rng.random() < 0.1 else _pick(rng, (str(digit), DIGIT_WORDS[digit]))
         prefix, suffix = (_pick(rng, self.frames) if noun else "{}").split("{}")
-        placed = _with_articles([*prefix.split(), *before, *([noun] if noun else []), *after, *suffix.split()])
+        placed = with_articles([*prefix.split(), *before, *([noun] if noun else []), *after, *suffix.split()])
         distractors = [_pick(rng, PUNCTUATION) if rng.random() < 0.15 else _pick(rng, pool)
                        for _ in range(_pick(rng, self.distractor_counts))]  # fmt: skip
         for word in distractors:  # between words: never inside a two-word attribute such as "slanted left"
@@ -142,12 +142,18 @@ class FreeText:
         return " ".join(placed) if fits(" ".join(placed)) else None
 
 
+def _words_in(texts: Sequence[str]) -> frozenset[str]:
+    """The words of ``texts`` as the tokenizer splits them, the digit's places ("{d}", "{word}", "{}") aside."""
+    text = " ".join(texts).replace("{d}", "").replace("{word}", "").replace("{}", "")
+    return frozenset(words_of(text))
+
+
 def _pick(rng: np.random.Generator, choices: Sequence):
     return choices[int(rng.integers(len(choices)))]
 
 
-def _with_articles(words: list[str]) -> list[str]:
-    """ "a" or "an" as the next word needs ("an 8", "an eight", "a one", "a thick 7")."""
+def with_articles(words: list[str]) -> list[str]:
+    """Each "a" or "an" of ``words`` as the next word needs ("an 8", "an eight", "an italic 7", "a one")."""
     return [
         ("an" if words[i + 1][0] in "aeio8" and words[i + 1] != "one" else "a")
         if w in ("a", "an") and i + 1 < len(words)
@@ -184,16 +190,14 @@ class Vocabulary:
         """The words (as the tokenizer splits them) of this vocabulary's captions, distractors aside."""
         frames = self.free_text.frames if self.free_text else ()
         synonyms = [w for a in self.attributes for v in (-1, 1) for w in self._words_for(a.word(v))]
-        text = " ".join([*self.templates, *frames, *synonyms, *DIGIT_WORDS, *map(str, range(NUM_DIGITS)), "a an"])
-        return frozenset(words_of(text.replace("{d}", "").replace("{word}", "").replace("{}", "")))
+        return _words_in([*self.templates, *frames, *synonyms, *DIGIT_WORDS, *map(str, range(NUM_DIGITS)), "a an"])
 
     @functools.cached_property
     def held_out_words(self) -> frozenset[str]:
         """Words of the held-out wordings and synonyms that no caption says: never distractors either."""
         held = [*self.held_out_templates, *(self.free_text.unknown_wordings if self.free_text else ())]
         held += [w for _, words in (self.free_text.held_out_synonyms if self.free_text else ()) for w in words]
-        text = " ".join(held).replace("{d}", "").replace("{word}", "")
-        return frozenset(words_of(text)) - self.known_words
+        return _words_in(held) - self.known_words
 
     def _words_for(self, word: str) -> tuple[str, ...]:
         return self.free_text.words_for(word) if self.free_text else (word,)
@@ -271,9 +275,7 @@ class Vocabulary:
         before = [a.word(v) for a, v in zip(self.attributes, style) if v and a.before]
         after = [a.word(v) for a, v in zip(self.attributes, style) if v and not a.before]
         words = [*before, *([noun] if noun else []), *after]
-        if article:
-            words.insert(0, "an" if words[0] in ("8", "eight") else "a")
-        return " ".join(words)
+        return " ".join(with_articles(["a", *words]) if article else words)
 
 
 _PLAIN_WORDINGS = (

@@ -1,5 +1,5 @@
 """What a typed prompt asks for, read before the model sees it: the digits it names, and the words the
-text encoder is given when the prompt is longer than its 8 tokens.
+text encoder is given of it (``Reader``).
 
 The rule (docs/prompts.md): a prompt draws a digit when it names exactly one, as a numeral ("7") or an
 English word in any case ("seven", "Seven"), whatever else it says; naming it twice ("7, a seven") is
@@ -63,12 +63,11 @@ class Reader:
         if not self.drop_unknown and prompt_tokens(prompt) <= CONTEXT_LENGTH:
             return prompt
         words = words_of(prompt)
-        for i in reversed(range(len(words))):
+        typed = len(words)
+        for i in reversed(range(typed)):
             if words[i] not in self.known_words:
                 del words[i]
                 if not self.drop_unknown and prompt_tokens(" ".join(words)) <= CONTEXT_LENGTH:
                     return " ".join(words)
         read = " ".join(words)
-        if read == " ".join(words_of(prompt)):
-            return prompt  # nothing left out: as typed
-        return read if prompt_tokens(read) <= CONTEXT_LENGTH else prompt
+        return read if len(words) < typed and prompt_tokens(read) <= CONTEXT_LENGTH else prompt

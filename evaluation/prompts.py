@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.captions import (
-    DIGIT_WORDS,
     Vocabulary,
     evaluation_words,
     fits,
     prompts_for,
     vocabulary_named,
+    with_articles,
 )
 from data.morphometry import measure_digits
 from data.shapes import NUM_DIGITS
@@ -92,8 +92,8 @@ def style_words(vocabulary: Vocabulary) -> list[StyleWord]:
 
 def style_prompt(word: str, digit: int) -> str:
     """The word said of the digit where it goes: "a bold 7", "a 7 tilted right", "an italic 8"."""
-    article = "an" if (word if " " not in word else str(digit))[0] in "aeio8" else "a"
-    return f"{article} {word} {digit}" if " " not in word else f"{article} {digit} {word}"
+    phrase = [word, str(digit)] if " " not in word else [str(digit), word]
+    return " ".join(with_articles(["a", *phrase]))
 
 
 def evaluate_prompts(sample: SampleFn, judge: Judge, per_wording: int, refusal: Refusal) -> dict:
@@ -109,7 +109,7 @@ def evaluate_prompts(sample: SampleFn, judge: Judge, per_wording: int, refusal: 
 
 def _wordings(sample: SampleFn, judge: Judge, per_wording: int, vocabulary: Vocabulary) -> list[dict]:
     rows = [(name, t) for name, templates in wording_sets(vocabulary).items() for t in templates]
-    prompts = [p for _, t in rows for p in prompts_for_digits(t)]
+    prompts = [p for _, t in rows for p in _for_every_digit(t)]
     correct = _judged(sample(prompts, per_wording, ""), judge, np.tile(np.arange(NUM_DIGITS), len(rows)))
     by_wording = correct.reshape(len(rows), NUM_DIGITS, per_wording)
     return [
@@ -123,8 +123,8 @@ def _wordings(sample: SampleFn, judge: Judge, per_wording: int, vocabulary: Voca
     ]
 
 
-def prompts_for_digits(template: str) -> list[str]:
-    return [template.format(d=d, word=DIGIT_WORDS[d]) for d in range(NUM_DIGITS)]
+def _for_every_digit(template: str) -> list[str]:
+    return [prompt for d in range(NUM_DIGITS) for prompt in prompts_for(d, [template])]
 
 
 def _styles(sample: SampleFn, judge: Judge, per_wording: int, vocabulary: Vocabulary) -> list[dict]:
