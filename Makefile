@@ -2,11 +2,13 @@
 #   make demo    set up, train the quick-start model (configs/cpu.yaml) and sample sevens
 #   make test    set up, then run the style checks and the whole test suite (what CI runs)
 #   make serve   set up, then serve the live prompt page on http://127.0.0.1:8000
+#   make gpu-check  on a lent GPU machine: CUDA tests, the seed's recipe, the benchmark (bench/gpu_check.py);
+#                   PY=python3 uses a Python that already has a CUDA build of torch
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test serve
+.PHONY: setup demo test serve gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +30,6 @@ test: setup
 
 serve: setup
 	$(PY) serve.py
+
+gpu-check: setup
+	$(PY) -m bench.gpu_check

@@ -7,7 +7,8 @@ printed as a curve of wall time against accuracy, Fréchet distance and shape. A
 Each epoch's evaluation samples ``--eval_samples`` images per digit from the training wordings at the
 default sampling settings (the same seed every epoch) and is timed apart from training: the "train s"
 column is what the quick start spends training. FMD ratio is FMD over the real-vs-real floor of the
-same size (1.0 is perfect); thickness and width are the samples' median over real test digits'.
+same size (1.0 is perfect); thickness and width are the samples' median over real test digits'; specks
+is the share of samples with a stray speck of ink (evaluation/specks.py).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def main() -> None:
             raise UserError(f"train.py failed (exit {result.returncode}): {result.stderr.strip().splitlines()[-1]}")
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     print(f"{' '.join(cmd[1:4])} {' '.join(args.train_flags)}: {cpu_kind()}; {wall:.0f} s for the whole command\n")
-    print("| epoch | train s (cumulative) | accuracy | FMD / floor | thickness | width | eval s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| epoch | train s (cumulative) | accuracy | FMD / floor | thickness | width | specks | eval s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     train_seconds = 0.0
     epochs = {r["epoch"]: r for r in records if "epoch_seconds" in r}
     for record in (r for r in records if "eval_accuracy" in r):
@@ -79,7 +80,7 @@ def main() -> None:
         print(
             f"| {record['epoch']} | {train_seconds:.0f} | {record['eval_accuracy']:.1%} | "
             f"{record['eval_fmd'] / record['eval_fmd_floor']:.2f} | {record['eval_thickness_ratio']:.2f} | "
-            f"{record['eval_width_ratio']:.2f} | {record['eval_seconds']:.0f} |"
+            f"{record['eval_width_ratio']:.2f} | {record['eval_speck_rate']:.1%} | {record['eval_seconds']:.0f} |"
         )
 
 

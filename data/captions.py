@@ -105,6 +105,7 @@ class FreeText:
     variant_share: float = 0.25  # of the captions drawn; the canonical ones make up the rest
     distractor_counts: tuple[int, ...] = (0, 0, 1, 1, 2)  # a variant's number of distractors, drawn uniformly
     seed: int = 0
+    word_dropout: float = 0.0  # the chance that each word of a variant's frame is left out
 
     def words_for(self, word: str) -> tuple[str, ...]:
         """An attribute's word and its trained synonyms."""
@@ -115,10 +116,11 @@ class FreeText:
         rng = np.random.default_rng([self.seed, digit, *(v + 1 for v in style)])
         pool = training_words(vocabulary)
         count = self.variants if any(style) else self.plain_variants
+        held_out = set(prompts_for(digit, vocabulary.held_out_templates))
         captions: dict[str, None] = {}
-        for _ in range(4 * count):  # a draw that cannot be made to fit, or a repeat, is drawn again
+        for _ in range(4 * count):  # a draw that cannot be made to fit, a repeat or a held-out wording: again
             caption = self._variant(vocabulary, rng, digit, style, pool)
-            if caption is not None:
+            if caption is not None and caption not in held_out:
                 captions[caption] = None
             if len(captions) == count:
                 break
@@ -131,8 +133,8 @@ class FreeText:
         before = [w for w, swap in zip(said, swapped) if (" " not in w) != swap]
         after = [w for w, swap in zip(said, swapped) if (" " not in w) == swap]
         noun = None if said and rng.random() < 0.1 else _pick(rng, (str(digit), DIGIT_WORDS[digit]))
-        prefix, suffix = (_pick(rng, self.frames) if noun else "{}").split("{}")
-        placed = with_articles([*prefix.split(), *before, *([noun] if noun else []), *after, *suffix.split()])
+        prefix, suffix = self._frame_words(rng, _pick(rng, self.frames)) if noun else ([], [])
+        placed = with_articles([*prefix, *before, *([noun] if noun else []), *after, *suffix])
         distractors = [_pick(rng, PUNCTUATION) if rng.random() < 0.15 else _pick(rng, pool)
                        for _ in range(_pick(rng, self.distractor_counts))]  # fmt: skip
         for word in distractors:  # between words: never inside a two-word attribute such as "slanted left"
@@ -140,6 +142,14 @@ class FreeText:
         while not fits(" ".join(placed)) and distractors:  # fewer distractors until the caption fits
             placed.remove(distractors.pop())
         return " ".join(placed) if fits(" ".join(placed)) else None
+
+    def _frame_words(self, rng: np.random.Generator, frame: str) -> tuple[list[str], list[str]]:
+        """The words of ``frame`` before and after the digit's phrase, each kept with 1 - word_dropout."""
+        prefix, suffix = (part.split() for part in frame.split("{}"))
+        if not self.word_dropout:  # no draws: the stream of earlier vocabularies, whose captions stand
+            return prefix, suffix
+        kept = [[w for w in part if rng.random() >= self.word_dropout] for part in (prefix, suffix)]
+        return kept[0], kept[1]
 
 
 def _words_in(texts: Sequence[str]) -> frozenset[str]:
@@ -229,6 +239,8 @@ class Vocabulary:
         }
         if self.free_text is not None:  # absent from older vocabularies' definitions, whose fingerprints stand
             definition["free_text"] = dataclasses.asdict(self.free_text)
+            if not self.free_text.word_dropout:  # added since "free-text", whose fingerprint stands
+                del definition["free_text"]["word_dropout"]
         return hashlib.sha256(json.dumps(definition).encode()).hexdigest()[:16]
 
     def style_prompt(self, digit: int | None, style: Style) -> str:
@@ -335,6 +347,25 @@ _FREE_TEXT = FreeText(
         "my lucky number {d}",
     ),  # fmt: skip
 )
+_FREE_TEXT_2 = dataclasses.replace(
+    _FREE_TEXT,
+    frames=(
+        *_FREE_TEXT.frames,
+        "the handwritten digit {}",
+        "an image of the digit {}",
+        "a drawing of the number {}",
+    ),  # new frames of trained words only, so that the distractor words stay those of "free-text"
+    word_dropout=0.25,
+)
+_FREE_TEXT_HELD_OUT_WORDINGS = (
+    *_HELD_OUT_WORDINGS,
+    "number {word}",
+    "digit {word}",
+    "the digit {d}, handwritten",
+    "write {word}",
+    "{d}.",
+    "please draw a {d}",
+)  # fmt: skip
 # Never edit an entry a checkpoint was trained on (tests/test_captions.py pins their fingerprints): add one.
 VOCABULARIES: dict[str, Vocabulary] = {
     v.name: v
@@ -350,18 +381,18 @@ VOCABULARIES: dict[str, Vocabulary] = {
         Vocabulary(
             "free-text",
             _PLAIN_WORDINGS,
-            (
-                *_HELD_OUT_WORDINGS,
-                "number {word}",
-                "digit {word}",
-                "the digit {d}, handwritten",
-                "write {word}",
-                "{d}.",
-                "please draw a {d}",
-            ),  # fmt: skip
+            _FREE_TEXT_HELD_OUT_WORDINGS,
             attributes=_STYLE_ATTRIBUTES,
             held_out_pairs=_HELD_OUT_PAIRS,
             free_text=_FREE_TEXT,
+        ),
+        Vocabulary(
+            "free-text-2",  # free-text with word dropout and three more frames
+            _PLAIN_WORDINGS,
+            _FREE_TEXT_HELD_OUT_WORDINGS,
+            attributes=_STYLE_ATTRIBUTES,
+            held_out_pairs=_HELD_OUT_PAIRS,
+            free_text=_FREE_TEXT_2,
         ),
     )
 }

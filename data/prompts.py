@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from data.captions import DIGIT_WORDS, NUMBER_WORDS
+from data.captions import DIGIT_WORDS, NUMBER_WORDS, with_articles
 from data.tokens import CONTEXT_LENGTH, prompt_tokens, words_of
 
 _WORDS = re.compile(r"\d+|[^\W\d_]+")  # runs of digits, runs of letters
@@ -53,8 +53,9 @@ class Reader:
     model was never trained on), every other word is left out. Otherwise the prompt stays as typed
     while it fits the encoder's CONTEXT_LENGTH tokens, and loses only as many unknown words, from the
     last, as it must to fit. Words are as the tokenizer splits them ("thin-stroked" is three); the
-    digit and the style words are known, so they stay. A prompt still too long comes back as typed:
-    the encoder would cut it (``data.tokens.truncated_prompt``)."""
+    digit and the style words are known, so they stay. An article left before another word than
+    the one typed after it is mended as the captions have it ("an elegant 7" -> "a 7"). A prompt still
+    too long comes back as typed: the encoder would cut it (``data.tokens.truncated_prompt``)."""
 
     known_words: frozenset[str]
     drop_unknown: bool = False
@@ -68,6 +69,6 @@ class Reader:
             if words[i] not in self.known_words:
                 del words[i]
                 if not self.drop_unknown and prompt_tokens(" ".join(words)) <= CONTEXT_LENGTH:
-                    return " ".join(words)
-        read = " ".join(words)
+                    return " ".join(with_articles(words))
+        read = " ".join(with_articles(words))
         return read if len(words) < typed and prompt_tokens(read) <= CONTEXT_LENGTH else prompt

@@ -54,6 +54,13 @@ class SamplingOptions:
     guidance_rescale: float = option(
         0.0, help="phi of guidance rescale (Lin et al. 2024, ddpm/guidance.py); 0 is plain guidance", low=0, high=1
     )
+    guidance_parallel: float = option(
+        1.0,
+        help="eta of adaptive projected guidance (Sadat et al. 2024, ddpm/guidance.py): the weight of the guidance "
+        "update's part parallel to the conditional x0 prediction; 1 is plain guidance, 0 drops that part",
+        low=0,
+        high=1,
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -142,7 +149,14 @@ def generate(
         gens = [image_generator(seed, int(indices[start + i]), device) for i in range(len(chunk))]
         x_T = torch.stack([torch.randn(*image_shape, generator=g, device=device) for g in gens])
         eps_fn = classifier_free_guidance(
-            net, diffusion, chunk, uncond, options.guidance_scale, options.guidance_interval, options.guidance_rescale
+            net,
+            diffusion,
+            chunk,
+            uncond,
+            options.guidance_scale,
+            options.guidance_interval,
+            options.guidance_rescale,
+            options.guidance_parallel,
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(

@@ -16,6 +16,7 @@ from data.morphometry import MEASURES
 from data.shapes import NUM_DIGITS
 from evaluation.judge import Judge, judge_images
 from evaluation.metrics import conditional_accuracy, frechet_distance, gaussian_stats
+from evaluation.specks import speck_rate
 
 SPLIT_SEED = 0  # fixed, so every evaluation uses the same halves
 SHAPE_MEASURES = ("thickness", "width")
@@ -30,6 +31,7 @@ class RealReference:
     judge_accuracy: float  # the judge's accuracy on half A: the ceiling for conditional accuracy
     reference_images: int  # size of half B
     shape: dict[str, float]  # median Morpho-MNIST thickness and width of the whole test set
+    speck_rate: float  # the share of the whole test set's digits with a stray speck (evaluation/specks.py)
 
     def distance(self, features: np.ndarray) -> float:
         """Fréchet MNIST distance of generated features [N, D] to half B."""
@@ -59,7 +61,8 @@ def shape_medians(measures: np.ndarray) -> dict[str, float]:
 def real_reference(
     judge: Judge, test_images: np.ndarray, test_labels: np.ndarray, test_measures: np.ndarray
 ) -> RealReference:
-    """Judge the MNIST test set once and keep what the distance and its floor need, and its shape medians."""
+    """Judge the MNIST test set once and keep what the distance and its floor need, its shape medians and
+    its speck rate."""
     logits, features = judge_images(judge, test_images)
     half_a, half_b = split_halves(test_labels)
     mu, sigma = gaussian_stats(features[half_b])
@@ -71,4 +74,5 @@ def real_reference(
         conditional_accuracy(logits[half_a], test_labels[half_a]),
         len(half_b),
         shape_medians(test_measures),
+        speck_rate(test_images),
     )

@@ -26,7 +26,16 @@ def result_tables(result: dict) -> str:
     """Per prompt set, per digit and per template tables of one guidance scale."""
     sets = result["sets"]
     summary = markdown_table(
-        ["prompts", "samples", "accuracy", "FMD", "FMD floor (real vs real)", "thickness (real)", "width (real)"],
+        [
+            "prompts",
+            "samples",
+            "accuracy",
+            "FMD",
+            "FMD floor (real vs real)",
+            "thickness (real)",
+            "width (real)",
+            "specks (real)",
+        ],  # fmt: skip
         [
             [
                 SET_LABELS[name],
@@ -35,10 +44,11 @@ def result_tables(result: dict) -> str:
                 f"{s['fmd']:.2f}",
                 f"{s['fmd_floor']:.2f}",
                 *(f"{s['shape'][k]:.2f} ({s['real_shape'][k]:.2f})" for k in ("thickness", "width")),
+                f"{percent(s['speck_rate'])} ({percent(s['real_speck_rate'])})",
             ]
             for name, s in sets.items()
         ],
-        "lrrrrrr",
+        "lrrrrrrr",
     )
     by_digit = markdown_table(
         ["accuracy by digit", *map(str, range(NUM_DIGITS))],

@@ -24,13 +24,19 @@ from data.shapes import NUM_DIGITS
 from evaluation.judge import Judge, judge_images, load_judge
 from evaluation.metrics import accuracy_by, conditional_accuracy
 from evaluation.reference import RealReference, real_reference, shape_medians
+from evaluation.specks import speck_flags
 
 
 def group_scores(
-    logits: np.ndarray, features: np.ndarray, digits: np.ndarray, measures: np.ndarray, reference: RealReference
+    logits: np.ndarray,
+    features: np.ndarray,
+    digits: np.ndarray,
+    measures: np.ndarray,
+    specks: np.ndarray,
+    reference: RealReference,
 ) -> dict:
     """Accuracy overall and per digit, the distance with its floor, and the median stroke thickness and
-    width against real digits', of one class-balanced group."""
+    width and the speck rate (``specks``: bool per image) against real digits', of one class-balanced group."""
     floor, floor_samples = reference.floor(len(digits) // NUM_DIGITS)
     per_digit = accuracy_by(logits, digits, digits)
     return {
@@ -42,6 +48,8 @@ def group_scores(
         "floor_samples": floor_samples,
         "shape": shape_medians(measures),
         "real_shape": reference.shape,
+        "speck_rate": float(specks.mean()),
+        "real_speck_rate": reference.speck_rate,
     }
 
 
@@ -49,14 +57,15 @@ def score(images: np.ndarray, plan: PromptPlan, judge: Judge, reference: RealRef
     """Scores of uint8 images [N, 28, 28] sampled by ``plan``: per set (and "all" when several),
     and per template."""
     logits, features = judge_images(judge, images)
-    measures = measure_digits(images)
+    measures, specks = measure_digits(images), speck_flags(images)
     sets = np.array(plan.sets)
     names = list(dict.fromkeys(plan.sets))
     groups = {name: sets == name for name in names}
     if len(names) > 1:
         groups["all"] = np.ones(len(sets), dtype=bool)
     by_set = {
-        name: group_scores(logits[m], features[m], plan.digits[m], measures[m], reference) for name, m in groups.items()
+        name: group_scores(logits[m], features[m], plan.digits[m], measures[m], specks[m], reference)
+        for name, m in groups.items()
     }
     keys = list(zip(plan.sets, plan.templates))
     counts = Counter(keys)
@@ -98,5 +107,6 @@ def evaluate_during_training(
         "eval_samples": seen["samples"],
         "eval_thickness_ratio": seen["shape"]["thickness"] / seen["real_shape"]["thickness"],
         "eval_width_ratio": seen["shape"]["width"] / seen["real_shape"]["width"],
+        "eval_speck_rate": seen["speck_rate"],
         "eval_seconds": time.perf_counter() - start,
     }

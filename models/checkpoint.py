@@ -61,7 +61,8 @@ SAMPLING_KEYS = ("config", "ema", "text_encoder", "vocabulary", "epoch")
 ALWAYS_KEYS = ("config", "ema", "text_encoder", "epoch")  # in every format
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT_DIR = Path("outputs/mnist")  # train.py's, and where the commands look for a checkpoint
-SHIPPED = ROOT / "models" / "pretrained" / "cpu.pt"  # re-made by ``python -m models.pretrained``
+PRETRAINED_DIR = ROOT / "models" / "pretrained"  # the shipped models, each re-made by ``python -m models.pretrained``
+SHIPPED = PRETRAINED_DIR / "cpu.pt"  # the one the commands load when none is named
 EPOCH_NAME = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 STEP_NAME = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 
@@ -284,7 +285,7 @@ def no_checkpoint_error(output_dir: str | Path) -> UserError:
 
 # ----------------------------------------------------------------------------- which model a command loads
 def shipped_record(path: Path = SHIPPED) -> dict[str, Any]:
-    """What ``cpu.json`` says about the shipped weights: the command, the commit, the scores."""
+    """What the shipped weights' record (``NAME.json`` beside them) says: the command, the commit, the scores."""
     return json.loads(path.with_suffix(".json").read_text())
 
 

@@ -1,15 +1,16 @@
-"""The model that ships with the repository, so that a fresh clone samples at once.
+"""The models that ship with the repository, so that a fresh clone samples at once.
 
-``models/pretrained/cpu.pt`` holds the EMA weights of the README's quick-start model (configs/cpu.yaml)
-in float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
-writer); ``cpu.json`` beside it says how it was made: the command, the commit, the config, its sha256
-and what evaluate.py scored.
+``models/pretrained/NAME.pt`` holds the EMA weights of a model trained by recipe NAME (``RECIPES``) in
+float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
+writer); ``NAME.json`` beside it says how it was made: the command, the commit, the config, its sha256
+and what evaluate.py scored. ``mnist`` (the seed's recipe) is the model the commands load when none is
+named (``models.checkpoint.SHIPPED``); ``cpu`` is the README's quick start, the record of what
+``make demo`` reproduces.
 
-    python -m models.pretrained --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt \\
+    python -m models.pretrained --name cpu --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt \\
         --evaluation outputs/cpu/checkpoints/checkpoint_epoch_0004_eval_..._seed0.json
 
-re-makes both files from a trained checkpoint and its evaluation (whoever changes the quick-start
-recipe re-runs it).
+re-makes both files from a trained checkpoint and its evaluation (whoever changes a recipe re-runs it).
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import SAMPLING_KEYS, SHIPPED, load_checkpoint, save_checkpoint
+from models.checkpoint import PRETRAINED_DIR, SAMPLING_KEYS, load_checkpoint, save_checkpoint
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write
 from runtime.flags import CliParser
 
-RECIPE = "python train.py --config configs/cpu.yaml"
+RECIPES = {
+    "mnist": "python train.py --config configs/mnist.yaml",  # the seed's recipe: the model the commands load
+    "cpu": "python train.py --config configs/cpu.yaml",  # the README's quick start (make demo)
+}
 
 
-def ship(checkpoint: Path, evaluation: Path, out: Path = SHIPPED) -> dict[str, Any]:
-    """Write ``out`` (what sampling reads of ``checkpoint``, the EMA weights in float16) and its record."""
+def ship(checkpoint: Path, evaluation: Path, name: str) -> dict[str, Any]:
+    """Write models/pretrained/NAME.pt (what sampling reads of ``checkpoint``, the EMA weights in float16)
+    and its record, NAME.json."""
+    out = PRETRAINED_DIR / f"{name}.pt"
     payload = load_checkpoint(checkpoint)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in payload["ema"]["weights"].items()}
     ema = {"weights": weights, "updates": payload["ema"]["updates"]}
@@ -42,7 +48,7 @@ def ship(checkpoint: Path, evaluation: Path, out: Path = SHIPPED) -> dict[str, A
         "weights": out.name,
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "storage": "EMA weights in float16, config and text-encoder record; no optimizer state",
-        "command": RECIPE,
+        "command": RECIPES[name],
         "commit": _commit(),
         "trained_from": str(checkpoint),
         "epoch": payload["epoch"],
@@ -80,15 +86,16 @@ def _commit() -> str:
 
 
 def main() -> None:
-    p = CliParser(prog="python -m models.pretrained", description="Re-make the shipped model from a checkpoint.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint trained by the quick-start recipe")
+    p = CliParser(prog="python -m models.pretrained", description="Re-make a shipped model from a checkpoint.")
+    p.add_argument("--name", choices=tuple(RECIPES), required=True, help="which shipped model: its recipe")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint trained by that recipe")
     p.add_argument("--evaluation", type=Path, required=True, help="evaluate.py's JSON for that checkpoint")
     args = p.parse_args(sys.argv[1:])
     if not args.evaluation.is_file():
         raise UserError(f"--evaluation {args.evaluation} not found; run evaluate.py --checkpoint {args.checkpoint}")
-    record = ship(args.checkpoint, args.evaluation)
-    size = SHIPPED.stat().st_size / 1e6
-    print(f"wrote {SHIPPED} ({size:.2f} MB) and {SHIPPED.with_suffix('.json')}: sha256 {record['sha256']}")
+    record = ship(args.checkpoint, args.evaluation, args.name)
+    out = PRETRAINED_DIR / record["weights"]
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {out.with_suffix('.json')}: sha256 {record['sha256']}")
 
 
 if __name__ == "__main__":

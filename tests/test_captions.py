@@ -197,6 +197,7 @@ def table_digest(captions) -> str:
         ("digits", 81, "e8e9da2040512e52fb2dcffb226d6d5bf9e8f8b770c60e670a9555190dfe2df7", "8246d6a98428cf34"),
         ("styles", 613, "fbca4b710b32552b707e7cbfd48905534b0eec96ddde7c66c82f87f6502bec32", "9766c03bcc05bdcf"),
         ("free-text", 3891, "825f54d66c322460836fb1937c1854ef48cff5b6ad0d8b0468ea1e7ea8b82361", "17176d8445c70f70"),
+        ("free-text-2", 3918, "b847a19c4aeb03c503fea6cd2847d0cace4c985593e552861c5abdf2f18fe833", "cf8437b93bba30c5"),
     ],
 )
 def test_a_shipped_vocabulary_keeps_the_captions_its_checkpoints_were_trained_on(name, prompts, digest, fingerprint):

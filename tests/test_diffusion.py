@@ -188,3 +188,21 @@ def test_guidance_rescale_matches_the_conditional_x0_spread():
     rescaled = classifier_free_guidance(net, diffusion, cond, uncond, 6.0, rescale=1.0)(x, t)
     spread = lambda e: to_x0(e).flatten(1).std(1)
     torch.testing.assert_close(spread(rescaled), spread(eps_c), rtol=1e-4, atol=1e-5)
+
+
+def test_adaptive_projected_guidance_keeps_the_orthogonal_update_and_eta_of_the_parallel_one():
+    """Sadat et al. 2024, in x0 space: x0 = x0_c + (s - 1) * (delta_orth + eta * delta_par), delta = x0_c - x0_u,
+    the parallel part along x0_c per image; computed here by hand on 2-pixel images."""
+    diffusion = GaussianDiffusion(cosine_beta_schedule(T))
+    t, ab = torch.full((1,), 400), float(diffusion.alphas_cumprod[400])
+    x = torch.tensor([0.3, -0.2]).reshape(1, 1, 1, 2)
+    x0_c, x0_u = torch.tensor([1.0, 0.0]), torch.tensor([0.0, -1.0])  # delta = (1, 1): par (1, 0), orth (0, 1)
+    to_eps = lambda x0: (x - math.sqrt(ab) * x0.reshape(1, 1, 1, 2)) / math.sqrt(1 - ab)
+    net = lambda x_, t_, context: torch.where(context[:, :1, :1, None] > 0, to_eps(x0_c), to_eps(x0_u))
+    cond, uncond = torch.ones(1, 1, 1), -torch.ones(1, 1, 1)
+    for eta, expected in ((1.0, [1 + 3.0, 3.0]), (0.0, [1.0, 3.0]), (0.5, [1 + 1.5, 3.0])):  # scale 4: s - 1 = 3
+        eps = classifier_free_guidance(net, diffusion, cond, uncond, 4.0, parallel=eta)(x, t)
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        torch.testing.assert_close(x0.flatten(), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    plain = classifier_free_guidance(net, diffusion, cond, uncond, 4.0)(x, t)
+    torch.testing.assert_close(classifier_free_guidance(net, diffusion, cond, uncond, 4.0, parallel=1.0)(x, t), plain)

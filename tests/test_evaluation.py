@@ -229,6 +229,7 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
         "eta": None,
         "guidance_interval": [2.0, None],
         "guidance_rescale": 0.0,
+        "guidance_parallel": 1.0,
     }
     assert 0.99 <= report["judge"]["accuracy_on_real_half_a"] <= 1
     assert report["reference"]["half_a_images"] + report["reference"]["half_b_images"] == 10_000

@@ -59,7 +59,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     cond_drop_prob: float = 0.1
     min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023; ddpm/diffusion.py), e.g. 5
-    captions: str = field(default="free-text", metadata={"choices": tuple(VOCABULARIES)})  # see data/captions.py
+    captions: str = field(default="free-text-2", metadata={"choices": tuple(VOCABULARIES)})  # see data/captions.py
     # optimisation
     num_epochs: int = 5
     batch_size: int = 128  # per process
