@@ -38,7 +38,7 @@ from evaluation.report import plot_sweep, result_tables, sweep_table
 from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables, summary
 from evaluation.suite import judge_and_reference, score
 from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, add_model_flags, find_model
-from models.loading import TrainedModel, load_trained_model
+from models.loading import TrainedModel
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, writable_folder
@@ -113,9 +113,10 @@ def output_path(args, checkpoint: Path, suffix: str) -> Path:
         if getattr(args.options[0], name) != getattr(DEFAULT_SAMPLING, name)
     )
     unknown = "" if args.unknown_words == "auto" else f"_unknown-words-{args.unknown_words}"
+    guide = "" if args.guide_checkpoint is None else f"_guide-{args.guide_checkpoint.stem}"
     return results_dir(checkpoint) / (
         f"{checkpoint.stem}_eval_{args.sampler}_{args.steps}steps_cfg{scales}"
-        f"_n{args.num_samples}_seed{args.seed}{others}{unknown}{suffix}"
+        f"_n{args.num_samples}_seed{args.seed}{others}{unknown}{guide}{suffix}"
     )
 
 
@@ -150,6 +151,7 @@ def build_report(
     """Everything needed to compare this evaluation with another: settings, judge, reference, results."""
     return {
         "checkpoint": str(model.path),
+        "guide_checkpoint": None if args.guide_checkpoint is None else str(args.guide_checkpoint),
         "epoch": model.epoch,
         "sampler": args.sampler,
         "steps": args.steps,
@@ -258,7 +260,7 @@ def results_dir(checkpoint: Path) -> Path:
 
 def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     """Sample, score and report ``path``'s model at every guidance scale asked for."""
-    pipe = Text2Digit(load_trained_model(path, device), args.bf16)
+    pipe = Text2Digit.from_checkpoint(path, str(device), args.precision, guide=args.guide_checkpoint)
     model = pipe.model
     with refused_as(flag):
         args.options[0].check_model(model.diffusion.num_train_timesteps)

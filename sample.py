@@ -25,8 +25,7 @@ from data.trajectory import TrajectoryRecorder
 from ddpm import DEFAULT_BATCH_SIZE, SamplingOptions
 from ddpm.options import add_flags, flag_values, refused_as
 from models.checkpoint import DEFAULT_OUTPUT_DIR, add_model_flags, find_model
-from models.loading import load_trained_model
-from runtime.devices import PRECISIONS, pick_device, use_bf16
+from runtime.devices import PRECISIONS, pick_device
 from runtime.errors import UserError, run_cli
 from runtime.files import writable_folder
 from runtime.flags import CliParser, require_positive
@@ -117,7 +116,7 @@ def main() -> None:
 
 def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> None:
     path = find_model(args.checkpoint, args.output_dir)
-    pipe = Text2Digit(load_trained_model(path, device, args.text_encoder), use_bf16(args.precision, device))
+    pipe = Text2Digit.from_checkpoint(path, str(device), args.precision, args.text_encoder, args.guide_checkpoint)
     with refused_as(flag):  # what only the model can tell: its number of timesteps, the words it knows
         warnings = pipe.check(args.request)
     for warning in warnings:

@@ -374,7 +374,8 @@ def parse_args(argv: list[str]):
 def main() -> None:
     args = parse_args(sys.argv[1:])
     sock = listening_socket(args.host, args.port)
-    pipe = Text2Digit.from_checkpoint(find_model(args.checkpoint, args.output_dir), args.device, args.precision)
+    path = find_model(args.checkpoint, args.output_dir)
+    pipe = Text2Digit.from_checkpoint(path, args.device, args.precision, guide=args.guide_checkpoint)
     with refused_as(flag):
         pipe.check(args.example, MAX_DIGITS)
     app = create_app(pipe, args.threads, args.defaults)

@@ -35,6 +35,7 @@ from ddpm.options import InvalidRequest, OutOfRange, check, front_name, option
 from models.checkpoint import SHIPPED
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import pick_device, use_bf16
+from runtime.errors import UserError
 
 # step index, timestep, x_t and the x0 prediction of the batch being sampled (uint8 [B, 28, 28])
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
@@ -205,9 +206,17 @@ def flag(name: str) -> str:
 class Text2Digit:
     """A trained model and its text encoder, loaded once, sampling requests."""
 
-    def __init__(self, model: TrainedModel, bf16: bool = False):
-        self.model, self.bf16 = model, bf16
+    def __init__(self, model: TrainedModel, bf16: bool = False, guide: TrainedModel | None = None):
+        self.model, self.bf16, self.guide = model, bf16, guide
         self.device = next(model.net.parameters()).device
+        if guide is not None and (guide.encoder.record, guide.saved.diffusion) != (
+            model.encoder.record,
+            model.saved.diffusion,
+        ):
+            raise UserError(
+                f"the guide {guide.path} has another text encoder or noise schedule than {model.path}; "
+                "autoguidance takes a worse model trained on the same text features and schedule"
+            )
 
     @classmethod
     def from_checkpoint(
@@ -216,13 +225,17 @@ class Text2Digit:
         device: str = "auto",
         precision: str = "fp32",
         text_encoder: str | None = None,
+        guide: str | Path | None = None,
     ) -> Text2Digit:
         """Load ``path``'s EMA weights (None: the model that ships with the repository, models/pretrained/)
         and the text encoder they were trained with. ``precision`` fp32 keeps every image independent
-        of the batch it is sampled in; bf16 is faster where the hardware does it natively."""
+        of the batch it is sampled in; bf16 is faster where the hardware does it natively. ``guide``: a
+        worse checkpoint of the same data (smaller, or trained for less long) that guides the model in
+        place of the unconditional prompt (autoguidance, ddpm/guidance.py)."""
         torch_device = pick_device(device)
         model = load_trained_model(Path(path or SHIPPED), torch_device, text_encoder)
-        return cls(model, use_bf16(precision, torch_device))
+        worse = None if guide is None else load_trained_model(Path(guide), torch_device, text_encoder)
+        return cls(model, use_bf16(precision, torch_device), worse)
 
     def __call__(
         self,
@@ -281,5 +294,6 @@ class Text2Digit:
             progress=progress,
             callback=on_step,
             bf16=self.bf16,
+            guide_net=None if self.guide is None else self.guide.net,
         )
         return to_uint8(images).reshape(len(request.prompts), request.num_samples, *IMAGE_SHAPE[1:])

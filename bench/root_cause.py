@@ -8,8 +8,8 @@ One model (``--checkpoint``, a training checkpoint: it holds the raw weights bes
 sampled for ``--per_digit`` images of each digit, prompted by its numeral, from the same seeds in every
 row, changing one thing from the default sampling at a time (``CAUSES``): the sampler and its steps with
 guidance off, the guidance scale, the thresholding and the EMA against the raw weights. ``--table
-guidance`` samples the guidance methods instead (``GUIDANCE``: adaptive projected guidance and other
-intervals against the default). Each model of
+guidance`` samples the guidance methods instead (``GUIDANCE``: adaptive projected guidance, other
+intervals and, with ``--guide_checkpoint``, autoguidance, against the default). Each model of
 ``--models`` (another patch size, an earlier epoch) is then sampled at the defaults. Every row is
 judged (accuracy, Fréchet distance beside the real floor at the same count) and measured (median
 thickness and width over the real test digits', and the speck rate beside the real test set's).
@@ -37,7 +37,8 @@ from runtime.files import atomic_write
 from runtime.flags import CliParser
 from text2digit import Request, Text2Digit
 
-# (label, sampling options changed from the defaults, weights): one factor at a time
+# (label, sampling options changed from the defaults, network: "ema", "raw" weights, or "guided" by
+# --guide_checkpoint's autoguidance): one factor at a time
 CAUSES: tuple[tuple[str, dict, str], ...] = (
     ("defaults", {}, "ema"),
     ("ddpm, 1000 steps, no guidance", {"sampler": "ddpm", "steps": 1000, "guidance_scale": 1.0}, "ema"),
@@ -57,6 +58,9 @@ GUIDANCE: tuple[tuple[str, dict, str], ...] = (
     ("CFG 6 at sigma > 1", {"guidance_interval": (1.0, math.inf)}, "ema"),
     ("CFG 6 at 1 < sigma <= 10", {"guidance_interval": (1.0, 10.0)}, "ema"),
     ("CFG 4 at sigma > 2", {"guidance_scale": 4.0}, "ema"),
+    ("autoguidance 2, every step", {"guidance_scale": 2.0, "guidance_interval": (0.0, math.inf)}, "guided"),
+    ("autoguidance 3, every step", {"guidance_scale": 3.0, "guidance_interval": (0.0, math.inf)}, "guided"),
+    ("autoguidance 2 at sigma > 2", {"guidance_scale": 2.0}, "guided"),
 )
 TABLES = {"causes": CAUSES, "guidance": GUIDANCE}
 
@@ -65,6 +69,7 @@ def parse_args(argv: list[str]):
     p = CliParser(prog="python -m bench.root_cause", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint (raw and EMA weights)")
     p.add_argument("--models", type=Path, nargs="*", default=[], help="more checkpoints, sampled at the defaults")
+    p.add_argument("--guide_checkpoint", type=Path, help="the worse model of the autoguidance rows (else skipped)")
     p.add_argument("--per_digit", type=int, default=100, help="images of each digit per row")
     p.add_argument("--table", choices=tuple(TABLES), default="causes", help="which rows: causes or guidance")
     p.add_argument("--rows", default="", help="comma list of the table's row numbers to run (default: all)")
@@ -76,7 +81,7 @@ def parse_args(argv: list[str]):
     args = p.parse_args(argv)
     if args.per_digit < 2:
         raise UserError(f"--per_digit must be at least 2 (a covariance needs two images), got {args.per_digit}")
-    rows = TABLES[args.table]
+    rows = [row for row in TABLES[args.table] if row[2] != "guided" or args.guide_checkpoint]
     try:
         args.rows = [rows[int(i)] for i in args.rows.split(",")] if args.rows else list(rows)
     except (ValueError, IndexError):
@@ -125,14 +130,16 @@ def main() -> None:
     judge, reference = judge_and_reference(args.data_dir, device)
     model = load_trained_model(args.checkpoint, device)
     pipes = {"ema": Text2Digit(model, bf16)}
-    if any(weights == "raw" for _, _, weights in args.rows):
+    if any(network == "raw" for _, _, network in args.rows):
         pipes["raw"] = Text2Digit(with_raw_weights(model), bf16)
+    if args.guide_checkpoint:
+        pipes["guided"] = Text2Digit(model, bf16, load_trained_model(args.guide_checkpoint, device))
     print(f"{args.checkpoint} (epoch {model.epoch}); {args.per_digit} images per digit, seed {args.seed}, "
           f"{'bf16' if bf16 else 'fp32'} on {device}; defaults: {DEFAULT_SAMPLING}\n", flush=True)  # fmt: skip
     rows = []
-    for label, changes, weights in args.rows:
+    for label, changes, network in args.rows:
         options = DEFAULT_SAMPLING.replace(**changes)
-        rows.append({"label": label, **row_scores(pipes[weights], options, args, reference, judge)})
+        rows.append({"label": label, **row_scores(pipes[network], options, args, reference, judge)})
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     for path in args.models:
         other = load_trained_model(path, device)

@@ -126,6 +126,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
     callback: Callback = None,
     bf16: bool = False,
+    guide_net: NetFn | None = None,
 ) -> torch.Tensor:
     """Sample one image of ``image_shape`` ([C, H, W]) per row of ``cond`` ([N, L, D] text tokens)
     with classifier-free guidance, as ``options`` say.
@@ -138,7 +139,8 @@ def generate(
     that generator for all its sampling noise, so it is the same whatever the batch size; images given
     the same index and prompt are the same image.
     ``bf16`` runs the network under bf16 autocast; the sampler's arithmetic stays in x_T's dtype.
-    ``callback(i, t, x_t, x0)`` sees every step of every batch. Returns [N, C, H, W] in [-1, 1].
+    ``callback(i, t, x_t, x0)`` sees every step of every batch. ``guide_net``: autoguidance's worse
+    network (ddpm/guidance.py), in place of the unconditional prompt. Returns [N, C, H, W] in [-1, 1].
     """
     device = cond.device
     sample_fn = SAMPLERS[options.sampler]
@@ -157,6 +159,7 @@ def generate(
             options.guidance_interval,
             options.guidance_rescale,
             options.guidance_parallel,
+            guide_net,
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(

@@ -16,6 +16,11 @@ network into the guided ``eps_fn`` every sampler takes, with two refinements of 
   (per image) mostly scales the image up, which over-saturates; the orthogonal part carries the
   prompt. APG keeps delta_orth + eta * delta_par: eta = 1 is plain guidance, eta = 0 drops the
   parallel part. (Their momentum and norm threshold are left out.)
+- autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the
+  guiding prediction comes from a worse model of the same data (smaller, or trained for less long)
+  given the same prompt, instead of the model itself given the empty prompt:
+  eps = eps_guide + s * (eps - eps_guide). Its errors resemble the model's own, so guidance moves
+  the image away from them rather than towards a caricature of the prompt.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def classifier_free_guidance(
     interval: tuple[float, float] | None = None,
     rescale: float = 0.0,
     parallel: float = 1.0,
+    guide: NetFn | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps = eps_uncond + scale * (eps_cond - eps_uncond), both halves in one batched call.
 
@@ -46,7 +52,8 @@ def classifier_free_guidance(
     ``cond`` is [B, L, D] and ``uncond`` [B, L, D] or [1, L, D] (the empty or negative prompt).
     ``scale`` = 1 is plain conditional sampling (one forward pass, no unconditional half).
     ``interval`` (sigma_lo, sigma_hi) limits guidance to those noise levels; ``rescale`` is phi above;
-    ``parallel`` is APG's eta.
+    ``parallel`` is APG's eta; ``guide`` a worse network for autoguidance, given ``cond`` (``uncond``
+    unused).
     The samplers call ``eps_fn`` with one timestep for the whole batch.
     """
 
@@ -57,12 +64,18 @@ def classifier_free_guidance(
         return conditional
     context = torch.cat([cond, uncond.expand_as(cond)])
 
+    def _both(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps of the model on the prompt, eps of what guides it): two networks, or one batched call."""
+        if guide is not None:
+            return conditional(x, t).float(), diffusion.to_eps(x, t, guide(x, t, cond)).float()
+        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+        return diffusion.to_eps(x2, t2, net(x2, t2, context)).float().chunk(2)
+
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = float(diffusion.alphas_cumprod[t[0]])
         if interval is not None and not interval[0] < math.sqrt((1 - ab) / ab) <= interval[1]:
             return conditional(x, t)
-        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-        eps_cond, eps_uncond = diffusion.to_eps(x2, t2, net(x2, t2, context)).float().chunk(2)
+        eps_cond, eps_uncond = _both(x, t)
         eps = eps_uncond + scale * (eps_cond - eps_uncond)
         if parallel != 1.0:
             eps = _projected(x, ab, eps_cond, eps_uncond, scale, parallel)

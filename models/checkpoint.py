@@ -290,13 +290,20 @@ def shipped_record(path: Path = SHIPPED) -> dict[str, Any]:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` and ``--output_dir``: how every command that loads a model names it (:func:`find_model`)."""
+    """``--checkpoint`` and ``--output_dir``: how every command that loads a model names it (:func:`find_model`);
+    ``--guide_checkpoint``, the worse model autoguidance guides it with."""
     parser.add_argument("--checkpoint", type=Path, help="checkpoint file (default: the newest in --output_dir)")
     parser.add_argument(
         "--output_dir",
         type=Path,
         help=f"training output folder (default {DEFAULT_OUTPUT_DIR}; when not named and it holds no checkpoint, "
         "the model that ships with the repository)",
+    )
+    parser.add_argument(
+        "--guide_checkpoint",
+        type=Path,
+        help="autoguidance (Karras et al. 2024): guide with this worse checkpoint of the same data (smaller, or "
+        "trained for less long) instead of the unconditional prompt; --guidance_scale then weighs it",
     )
 
 

@@ -35,10 +35,10 @@ RECIPES = {
 }
 
 
-def ship(checkpoint: Path, evaluation: Path, name: str) -> dict[str, Any]:
-    """Write models/pretrained/NAME.pt (what sampling reads of ``checkpoint``, the EMA weights in float16)
-    and its record, NAME.json."""
-    out = PRETRAINED_DIR / f"{name}.pt"
+def ship(checkpoint: Path, evaluation: Path, name: str, folder: Path = PRETRAINED_DIR) -> dict[str, Any]:
+    """Write ``folder``/NAME.pt (what sampling reads of ``checkpoint``, the EMA weights in float16) and its
+    record, NAME.json."""
+    out = folder / f"{name}.pt"
     payload = load_checkpoint(checkpoint)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in payload["ema"]["weights"].items()}
     ema = {"weights": weights, "updates": payload["ema"]["updates"]}
@@ -69,6 +69,8 @@ def _scores(result: dict) -> dict:
     scores = {f"accuracy_{name}": s["accuracy"] for name, s in sets.items()}
     scores.update({f"fmd_{name}": s["fmd"] for name, s in sets.items()})
     scores.update({f"fmd_floor_{name}": s["fmd_floor"] for name, s in sets.items()})
+    for key in ("shape", "real_shape", "speck_rate", "real_speck_rate"):  # absent from older evaluations
+        scores.update({f"{key}_{name}": s[key] for name, s in sets.items() if key in s})
     if "styles" in result:
         scores["styles"] = result["styles"]["summary"]  # evaluate.py's JSON carries it
     if "prompts" in result:

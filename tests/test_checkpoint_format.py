@@ -34,7 +34,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.loading import load_trained_model
-from models.pretrained import ship
+from models.pretrained import RECIPES, ship
 from runtime.errors import EXIT_USER_ERROR, UserError
 from tests.helpers import ROOT, run_in_process, tiny_flags, write_untrained_checkpoint
 from training.config import TrainConfig
@@ -183,14 +183,15 @@ def test_the_shipped_model_is_remade_through_the_one_writer_and_samples(tmp_path
         "results": [{"guidance_scale": 6.0, "sets": {"seen": scores}, "styles": {"summary": summary}}],
     }
     (tmp_path / "eval.json").write_text(json.dumps(evaluation))
-    record = ship(checkpoint, tmp_path / "eval.json", out=tmp_path / "shipped.pt")
+    record = ship(checkpoint, tmp_path / "eval.json", "cpu", folder=tmp_path)
+    assert record["command"] == RECIPES["cpu"] and record["weights"] == "cpu.pt"
     assert record["scores"] == [
         {"guidance_scale": 6.0, "accuracy_seen": 0.5, "fmd_seen": 9.0, "fmd_floor_seen": 1.0, "styles": summary}
     ]
-    raw = torch.load(tmp_path / "shipped.pt", weights_only=True)
+    raw = torch.load(tmp_path / "cpu.pt", weights_only=True)
     assert set(raw) == {"format_version", *SAMPLING_KEYS} and raw["format_version"] == FORMAT_VERSION
     assert all(w.dtype == torch.float16 for w in raw["ema"]["weights"].values() if w.is_floating_point())
-    model = load_trained_model(tmp_path / "shipped.pt", torch.device("cpu"))
+    model = load_trained_model(tmp_path / "cpu.pt", torch.device("cpu"))
     assert model.saved.vocabulary.name == "styles" and model.saved.unet.widths == (16, 32)
 
 

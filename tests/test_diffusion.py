@@ -206,3 +206,19 @@ def test_adaptive_projected_guidance_keeps_the_orthogonal_update_and_eta_of_the_
         torch.testing.assert_close(x0.flatten(), torch.tensor(expected), rtol=1e-4, atol=1e-4)
     plain = classifier_free_guidance(net, diffusion, cond, uncond, 4.0)(x, t)
     torch.testing.assert_close(classifier_free_guidance(net, diffusion, cond, uncond, 4.0, parallel=1.0)(x, t), plain)
+
+
+def test_autoguidance_guides_with_the_worse_network_on_the_same_prompt():
+    """Karras et al. 2024: eps = eps_guide + s * (eps - eps_guide), the guide given the same prompt; the
+    unconditional prompt is not used. The stand-in networks echo their prompt's value (2.0), times 1 or 0.25."""
+    calls, guide_calls = [], []
+    net, diffusion, cond, uncond = context_echo(calls)
+
+    def guide(x, t, context):
+        guide_calls.append(len(x))
+        return 0.25 * net(x, t, context)
+
+    eps_fn = classifier_free_guidance(net, diffusion, cond, uncond, scale=3.0, guide=guide)
+    eps = eps_fn(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(eps, torch.full((3, 1, 2, 2), 0.5 + 3.0 * (2.0 - 0.5)))  # guide: 0.25 * 2.0
+    assert guide_calls == [3] and calls == [3, 3]  # the model once, the guide (which wraps it) once

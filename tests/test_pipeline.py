@@ -14,7 +14,8 @@ from data.captions import VOCABULARIES
 from data.prompts import Reader
 from evaluation.judge import judge_images, load_judge
 from models.checkpoint import SHIPPED, shipped_record
-from tests.helpers import ROOT, state_bytes, train_tiny
+from runtime.errors import UserError
+from tests.helpers import ROOT, state_bytes, train_tiny, write_untrained_checkpoint
 from text2digit import EmptyPrompt, InvalidRequest, NotOneDigit, OutOfRange, PromptTooLong, Request, Text2Digit
 
 
@@ -111,3 +112,17 @@ def test_the_recipe_is_deterministic(tiny_run, tmp_path):
         torch.load(run / "checkpoints" / "checkpoint_epoch_0002.pt", weights_only=True) for run in (tiny_run, tmp_path)
     )
     assert state_bytes(a["ema"]) == state_bytes(b["ema"]) and state_bytes(a["model"]) == state_bytes(b["model"])
+
+
+def test_autoguidance_by_the_model_itself_is_the_unguided_model_and_a_foreign_guide_is_refused(tmp_path):
+    """eps_guide + s * (eps - eps_guide) with the model as its own guide is eps at any scale: the images of
+    guidance scale 1, bitwise. A guide of another noise schedule is refused in one line."""
+    path = write_untrained_checkpoint(tmp_path / "c.pt")
+    self_guided = Text2Digit.from_checkpoint(path, device="cpu", guide=path)
+    unguided = Text2Digit.from_checkpoint(path, device="cpu")
+    request = dict(num_samples=2, steps=3, seed=4)
+    assert np.array_equal(self_guided("7", guidance_scale=3.0, **request), unguided("7", guidance_scale=1.0, **request))
+    other = write_untrained_checkpoint(tmp_path / "other.pt", num_train_timesteps=500)
+    with pytest.raises(UserError, match="another text encoder or noise schedule") as refused:
+        Text2Digit.from_checkpoint(path, device="cpu", guide=other)
+    assert "\n" not in str(refused.value)
