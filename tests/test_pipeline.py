@@ -13,7 +13,8 @@ from PIL import Image
 from data.captions import VOCABULARIES
 from data.prompts import Reader
 from evaluation.judge import judge_images, load_judge
-from models.checkpoint import SHIPPED, shipped_record
+from models.checkpoint import PRETRAINED_DIR, SHIPPED, shipped_record
+from models.pretrained import RECIPES
 from runtime.errors import UserError
 from tests.helpers import ROOT, state_bytes, train_tiny, write_untrained_checkpoint
 from text2digit import EmptyPrompt, InvalidRequest, NotOneDigit, OutOfRange, PromptTooLong, Request, Text2Digit
@@ -40,11 +41,15 @@ def test_the_shipped_model_draws_the_prompted_digits(pipe):
     assert accuracy >= 0.95, accuracy
 
 
-def test_the_shipped_file_is_what_its_record_says():
-    record = shipped_record()
-    assert hashlib.sha256(SHIPPED.read_bytes()).hexdigest() == record["sha256"]
-    assert record["command"] == "python train.py --config configs/cpu.yaml"
-    assert SHIPPED.stat().st_size < 3 * 2**20
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_each_shipped_file_is_what_its_record_says(name):
+    """The default model (the seed's recipe) and the quick start's record, each small (fp16 EMA weights)."""
+    path = PRETRAINED_DIR / f"{name}.pt"
+    record = shipped_record(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+    assert record["command"] == RECIPES[name] and record["vocabulary"]["name"] == "free-text-2"
+    assert path.stat().st_size < 8 * 2**20
+    assert SHIPPED == PRETRAINED_DIR / "mnist.pt"
 
 
 def test_same_seed_same_digits_and_a_callback_per_step(pipe):

@@ -41,6 +41,7 @@ BAD_VALUES = [
         "guidance_interval must be two noise levels 0 <= low < high, got 3 1",
     ),
     ("guidance_rescale", ["1.5"], 1.5, "guidance_rescale must be in [0, 1], got 1.5"),
+    ("guidance_parallel", ["-0.5"], -0.5, "guidance_parallel must be in [0, 1], got -0.5"),
     ("num_samples", ["0"], 0, "num_samples must be at least 1, got 0"),
     ("seed", ["-1"], -1, "seed must be >= 0, got -1"),
     ("unknown_words", ["sometimes"], "sometimes", "unknown_words must be one of auto, drop, keep, got 'sometimes'"),
