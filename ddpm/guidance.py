@@ -88,21 +88,29 @@ def _projected(
     x: torch.Tensor, ab: float, eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float, eta: float
 ) -> torch.Tensor:
     """The eps of APG's x0 = x0_cond + (scale - 1) * (delta_orth + eta * delta_par) (see the module docstring)."""
-    to_x0 = lambda e: (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
-    x0_cond = to_x0(eps_cond)
-    delta = x0_cond - to_x0(eps_uncond)
+    x0_cond = _x0_of(x, ab, eps_cond)
+    delta = x0_cond - _x0_of(x, ab, eps_uncond)
     dims = tuple(range(1, x.ndim))
     along = (delta * x0_cond).sum(dims, keepdim=True) / x0_cond.square().sum(dims, keepdim=True).clamp_min(1e-12)
     delta_par = along * x0_cond
     x0 = x0_cond + (scale - 1) * (delta - delta_par + eta * delta_par)
-    return (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+    return _eps_of(x, ab, x0)
 
 
 def _rescaled(x: torch.Tensor, ab: float, eps: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:
     """The guided eps whose x0 prediction is rescaled towards the conditional one's per-image std."""
-    to_x0 = lambda e: (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
-    x0, x0_cond = to_x0(eps), to_x0(eps_cond)
+    x0, x0_cond = _x0_of(x, ab, eps), _x0_of(x, ab, eps_cond)
     dims = tuple(range(1, x.ndim))
     ratio = x0_cond.std(dim=dims, keepdim=True) / x0.std(dim=dims, keepdim=True).clamp_min(1e-8)
     x0 = phi * x0 * ratio + (1 - phi) * x0
+    return _eps_of(x, ab, x0)
+
+
+def _x0_of(x: torch.Tensor, ab: float, eps: torch.Tensor) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - alpha_bar) * eps) / sqrt(alpha_bar) (Ho et al. 2020, eq. 15)."""
+    return (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+
+
+def _eps_of(x: torch.Tensor, ab: float, x0: torch.Tensor) -> torch.Tensor:
+    """The eps that predicts ``x0`` from x_t: the inverse of :func:`_x0_of`."""
     return (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
