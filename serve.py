@@ -17,8 +17,10 @@ order of arrival. The API (the page in web/ is its only client, but any HTTP cli
   ``queued`` {job, ahead} at once; ``start`` {steps, num_samples} when the worker takes it;
   ``frame`` {step, t, x_t, x0} after every network call; then ``done`` {seconds, images} or
   ``error`` {error}. Images are base64 of raw uint8 [num_samples, 28, 28], 0 black, 255 white.
-  A bad request is refused before any event, with status 400 (the pipeline's own checks) or 422
-  (not JSON, wrong types, missing or unknown fields) and a JSON body {"error": one line, "field": name or null}.
+  A bad request is refused before any event, with status 400 (the pipeline's own checks, the ranges
+  of ``/api/config``, and more than ``MAX_WORK`` digits x steps) or 422 (not JSON, wrong types, missing
+  or unknown fields), and a full queue (``MAX_PENDING`` requests queued or running) with 503 and a
+  ``Retry-After`` header; each with a JSON body {"error": one line, "field": name or null}.
 
 A client that disconnects has its generation stopped at the next step (the step callback raises),
 and the worker moves on to the next request.
@@ -29,6 +31,7 @@ import base64
 import itertools
 import json
 import logging
+import math
 import queue
 import socket
 import sys
@@ -52,7 +55,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ddpm import SAMPLERS, SamplingOptions
-from ddpm.options import add_flags, declared, field_type, flag_values, from_json, refused_as, to_json
+from ddpm.options import OutOfRange, add_flags, declared, field_type, flag_values, from_json, refused_as, to_json
 from models.checkpoint import add_model_flags, find_model
 from runtime.devices import PRECISION_HELP, PRECISIONS
 from runtime.errors import UserError, run_cli
@@ -61,7 +64,12 @@ from text2digit import InvalidRequest, Request, Text2Digit, flag, make_request, 
 
 ROOT = Path(__file__).resolve().parent
 WEB = ROOT / "web"
-MAX_DIGITS = 64  # per request: 64 digits at 1000 steps already take minutes on a 2-core CPU
+MAX_DIGITS = 64  # per request
+# digits x steps of one request: 8 digits at the most steps of a 1000-step model, or 64 at 125; on the
+# 2-core AVX2 machine about 12 s with the quick-start model (1.5 ms a digit-step) and a minute or two with
+# the seed's, so that one request cannot hold the page for long
+MAX_WORK = 8000
+MAX_PENDING = 8  # requests queued or running; one more is answered 503 with Retry-After
 FINAL_EVENTS = ("done", "error")
 log = logging.getLogger("text2digit.serve")
 
@@ -83,6 +91,7 @@ class Body(BaseModel):
         values = {FIELDS[name]: from_json(value) for name, value in self.model_dump().items()}
         request = make_request(**values)
         pipe.check(request, max_images=MAX_DIGITS)
+        check_work(request)
         return request
 
 
@@ -143,6 +152,33 @@ class Cancelled(Exception):
     """Raised by the step callback to stop a generation nobody waits for any more."""
 
 
+class Busy(Exception):
+    """The queue holds as many requests as it may: come back in ``retry_after`` seconds."""
+
+    def __init__(self, pending: int, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(
+            f"the server is busy: {pending} requests are queued or running, the most it takes; retry in {retry_after} s"
+        )
+
+
+def work_of(request: Request) -> int:
+    """What a request costs, in digit-steps: every image it draws times the steps of each."""
+    return request.num_samples * len(request.prompts) * request.options.steps
+
+
+def check_work(request: Request) -> None:
+    """Raise OutOfRange if the request asks more than MAX_WORK digit-steps of the server."""
+    if work_of(request) > MAX_WORK:
+        raise OutOfRange(
+            "steps",
+            "{num_samples} x {steps} is {work} digit-steps, more than the {most} one request may ask of "
+            "this server; ask for fewer digits or fewer steps",
+            work=work_of(request),
+            most=MAX_WORK,
+        )
+
+
 @dataclass
 class Job:
     """One request on its way through the queue, and the events its stream is to send."""
@@ -152,6 +188,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ahead: int = 0  # jobs queued or running when it was queued
 
     def emit(self, event: str, **data: object) -> None:
         """Hand an event to the stream; called from the worker thread."""
@@ -162,12 +199,14 @@ class Worker:
     """Samples the queued jobs one at a time, in order, on one thread, so that two requests never
     share the model at once and each stream gets only its own frames."""
 
-    def __init__(self, pipe: Text2Digit, threads: int = 0):
-        self.pipe, self.threads = pipe, threads
+    def __init__(self, pipe: Text2Digit, threads: int = 0, max_pending: int = MAX_PENDING):
+        self.pipe, self.threads, self.max_pending = pipe, threads, max_pending
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.closing = threading.Event()
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter(pending=0, served=0, cancelled=0, failed=0)
+        self.pending_work = 0  # digit-steps of the jobs queued or running
+        self.seconds_per_work = 0.01  # of the last job served (a guess until then), for Retry-After
         self.thread = threading.Thread(target=self._run, name="text2digit-worker", daemon=True)
 
     def start(self) -> None:
@@ -180,10 +219,15 @@ class Worker:
         self.thread.join()
 
     def submit(self, job: Job) -> int:
-        """Queue ``job``; returns how many jobs are ahead of it (queued or running)."""
+        """Queue ``job``; returns how many jobs are ahead of it (queued or running). Raises Busy when
+        ``max_pending`` are, with the time the queue takes to finish one of them, on average, at the
+        speed of the last job served."""
         with self.lock:
             ahead = self.counts["pending"]
+            if ahead >= self.max_pending:
+                raise Busy(ahead, math.ceil(self.pending_work * self.seconds_per_work / ahead))
             self.counts["pending"] += 1
+            self.pending_work += work_of(job.request)
         self.jobs.put(job)
         return ahead
 
@@ -195,10 +239,14 @@ class Worker:
         if self.threads:  # set on this thread, the one whose torch calls use them
             torch.set_num_threads(self.threads)
         while (job := self.jobs.get()) is not None:
+            start = time.perf_counter()
             outcome = self._generate(job)
             with self.lock:
                 self.counts["pending"] -= 1
                 self.counts[outcome] += 1
+                self.pending_work -= work_of(job.request)
+                if outcome == "served":
+                    self.seconds_per_work = (time.perf_counter() - start) / work_of(job.request)
 
     def _generate(self, job: Job) -> str:
         """Sample one job, streaming its steps; returns its outcome (a key of ``counts``)."""
@@ -230,7 +278,7 @@ def describe(pipe: Text2Digit) -> str:
     return f"{shown}, epoch {pipe.model.epoch}, {'bf16' if pipe.bf16 else 'fp32'} on {pipe.device}"
 
 
-def page_config(pipe: Text2Digit, body: type[Body]) -> dict:
+def page_config(pipe: Text2Digit, body: type[Body], max_pending: int) -> dict:
     """What the page builds its form from: choices, defaults (every field of the API body but the prompt)
     and limits."""
     defaults = {name: f.default for name, f in body.model_fields.items() if not f.is_required()}
@@ -239,7 +287,23 @@ def page_config(pipe: Text2Digit, body: type[Body]) -> dict:
         "examples": pipe.model.vocabulary.examples(),  # the page's hint: wordings the model was trained on
         "samplers": list(SAMPLERS),
         "defaults": defaults,
-        "limits": {"max_steps": pipe.model.diffusion.num_train_timesteps, "max_digits": MAX_DIGITS},
+        "limits": {
+            "max_steps": pipe.model.diffusion.num_train_timesteps,
+            "max_digits": MAX_DIGITS,
+            "max_work": MAX_WORK,  # digits x steps
+            "max_pending": max_pending,  # requests queued or running; beyond, 503 with Retry-After
+            "ranges": declared_ranges(),
+        },
+    }
+
+
+def declared_ranges() -> dict[str, list[float | None]]:
+    """[low, high] (null: open) of every bounded numeric field of the API body, from its declaration."""
+    return {
+        spelled(f.name): [rule.low, rule.high]
+        for cls in (Request, SamplingOptions)
+        for f, rule in declared(cls)
+        if rule.low is not None or rule.high is not None
     }
 
 
@@ -249,6 +313,12 @@ def refusal(message: str, field_name: str | None, status: int) -> JSONResponse:
 
 async def invalid_request(_, err: InvalidRequest) -> JSONResponse:
     return refusal(err.render(api_name), api_name(err.field), 400)
+
+
+async def busy(_, err: Busy) -> JSONResponse:
+    response = refusal(str(err), None, 503)
+    response.headers["Retry-After"] = str(err.retry_after)
+    return response
 
 
 async def malformed_request(_, err: RequestValidationError) -> JSONResponse:
@@ -266,12 +336,18 @@ async def malformed_request(_, err: RequestValidationError) -> JSONResponse:
     return refusal(message + more, name, 422)
 
 
-def create_app(pipe: Text2Digit, threads: int = 0, defaults: Mapping[str, Any] | None = None) -> FastAPI:
+def create_app(
+    pipe: Text2Digit,
+    threads: int = 0,
+    defaults: Mapping[str, Any] | None = None,
+    max_pending: int = MAX_PENDING,
+) -> FastAPI:
     """The page and its API around a loaded pipeline; ``threads`` (0: leave torch's setting) for sampling;
-    ``defaults`` (by field name) those of the API body and the page's form, where not the declared ones."""
-    worker = Worker(pipe, threads)
+    ``defaults`` (by field name) those of the API body and the page's form, where not the declared ones;
+    ``max_pending`` requests queued or running at most."""
+    worker = Worker(pipe, threads, max_pending)
     body = body_model(defaults)
-    config = page_config(pipe, body)
+    config = page_config(pipe, body, max_pending)
     job_ids = itertools.count(1)
 
     @asynccontextmanager
@@ -283,10 +359,14 @@ def create_app(pipe: Text2Digit, threads: int = 0, defaults: Mapping[str, Any] |
     app = FastAPI(title="text2digit", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, malformed_request)
+    app.add_exception_handler(Busy, busy)
 
-    def checked(body: body) -> Request:  # this app's body: annotations evaluate here
-        """The request to sample, as a dependency: it runs, and may refuse, before the event stream opens."""
-        return body.to_request(pipe)
+    async def queued(body: body) -> Job:  # this app's body: annotations evaluate here
+        """The request, checked and queued, as a dependency: it runs, and may refuse (400, 503), before
+        the event stream opens."""
+        job = Job(next(job_ids), body.to_request(pipe), asyncio.get_running_loop())
+        job.ahead = worker.submit(job)
+        return job
 
     @app.get("/api/config")
     def get_config() -> dict:
@@ -297,11 +377,9 @@ def create_app(pipe: Text2Digit, threads: int = 0, defaults: Mapping[str, Any] |
         return worker.status()
 
     @app.post("/api/generate", response_class=EventSourceResponse)
-    async def generate(request: Annotated[Request, Depends(checked)]) -> AsyncIterator[ServerSentEvent]:
-        job = Job(next(job_ids), request, asyncio.get_running_loop())
-        ahead = worker.submit(job)
+    async def generate(job: Annotated[Job, Depends(queued)]) -> AsyncIterator[ServerSentEvent]:
         try:
-            yield ServerSentEvent(event="queued", data={"job": job.id, "ahead": ahead})
+            yield ServerSentEvent(event="queued", data={"job": job.id, "ahead": job.ahead})
             while (event := await job.events.get()).event not in FINAL_EVENTS:
                 yield event
             yield event
@@ -368,6 +446,7 @@ def parse_args(argv: list[str]):
     with refused_as(flag):
         args.example = make_request("0", **args.defaults)  # the page's defaults with a prompt
         args.example.validate(max_images=MAX_DIGITS)
+        check_work(args.example)
     return args
 
 

@@ -40,6 +40,7 @@ from runtime.errors import UserError
 # step index, timestep, x_t and the x0 prediction of the batch being sampled (uint8 [B, 28, 28])
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 UNKNOWN_WORDS = ("auto", "drop", "keep")
+MAX_SEED = 2**53 - 1
 MAX_IMAGES = 4096  # per request: beyond this, split it (memory and time grow linearly)
 
 
@@ -103,8 +104,9 @@ class Request:
     prompts: tuple[str, ...] = option(help="text prompt; repeat for several rows", name="prompt")
     num_samples: int = option(8, help="images per prompt", low=1)
     options: SamplingOptions = DEFAULT_SAMPLING
-    # the per-image generators are seeded through NumPy's SeedSequence, which takes no negative seed
-    seed: int = option(0, help="image i of a request depends only on the seed and i", low=0)
+    # the per-image generators are seeded through NumPy's SeedSequence, which takes no negative seed; the
+    # top is the largest integer a JSON client in JavaScript holds exactly, so the page can repeat any seed
+    seed: int = option(0, help="image i of a request depends only on the seed and i", low=0, high=MAX_SEED)
     negative_prompt: str = option(
         EMPTY_PROMPT, help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half"
     )

@@ -43,6 +43,8 @@ CAUSES: tuple[tuple[str, dict, str], ...] = (
     ("defaults", {}, "ema"),
     ("ddpm, 1000 steps, no guidance", {"sampler": "ddpm", "steps": 1000, "guidance_scale": 1.0}, "ema"),
     ("default sampler and steps, no guidance", {"guidance_scale": 1.0}, "ema"),
+    ("default sampler, 50 steps, no guidance", {"steps": 50, "guidance_scale": 1.0}, "ema"),
+    ("ddpm, 1000 steps, default guidance", {"sampler": "ddpm", "steps": 1000}, "ema"),
     ("guidance 0 (unconditional)", {"guidance_scale": 0.0}, "ema"),
     ("guidance 2", {"guidance_scale": 2.0}, "ema"),
     ("guidance 4", {"guidance_scale": 4.0}, "ema"),

@@ -19,6 +19,8 @@ from ddpm.guidance import NetFn, classifier_free_guidance
 from ddpm.options import OutOfRange, check, option
 from ddpm.samplers import SAMPLERS, SPACINGS, THRESHOLDS, Callback
 
+MAX_GUIDANCE_SCALE = 30.0
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -31,7 +33,8 @@ class SamplingOptions:
 
     sampler: str = option("dpmpp_2m", help="the sampler (ddpm/samplers.py)", choices=tuple(SAMPLERS))
     steps: int = option(20, help="sampling steps (network calls per image)", low=1)
-    guidance_scale: float = option(6.0, help="classifier-free guidance scale s", low=0)
+    # beyond 30 every update is a step far outside the data: the x0 prediction only saturates
+    guidance_scale: float = option(6.0, help="classifier-free guidance scale s", low=0, high=MAX_GUIDANCE_SCALE)
     spacing: str = option("trailing", help="which timesteps the steps visit", choices=SPACINGS)
     threshold: str = option(
         "clip", help="x0 thresholding: clip to [-1, 1], or Imagen's dynamic thresholding", choices=THRESHOLDS

@@ -111,11 +111,17 @@ class Option:
         return above and (self.high is None or value <= self.high)
 
     def _range(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.low is not None and self.high is not None:
-            return f"in [{self.low:g}, {self.high:g}]"
+            return f"in [{low}, {high}]"
         if self.high is not None:
-            return f"at most {self.high:g}"
-        return f"at least {self.low:g}" if self.low > 0 else f">= {self.low:g}"  # counts; non-negative values
+            return f"at most {high}"
+        return f"at least {low}" if self.low > 0 else f">= {low}"  # counts; non-negative values
+
+
+def _number(value: float | None) -> str | None:
+    """A bound as a person writes it: integers whole (a seed's 9007199254740991), others short."""
+    return None if value is None else str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def option(default: Any = dataclasses.MISSING, **rule: Any) -> Any:

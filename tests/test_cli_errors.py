@@ -220,7 +220,7 @@ CASES = [
         "sample-negative-guidance",
         "sample.py",
         ("--prompt", "7", "--guidance_scale", "-1"),
-        r"--guidance_scale must be >= 0, got -1\.0",
+        r"--guidance_scale must be in \[0, 30\], got -1\.0",
     ),
     Case(
         "sample-zero-samples",
@@ -296,7 +296,7 @@ CASES = [
         "evaluate-negative-guidance",
         "evaluate.py",
         ("--guidance_scale", "2,-1"),
-        r"--guidance_scale must be >= 0, got -1\.0",
+        r"--guidance_scale must be in \[0, 30\], got -1\.0",
     ),
     Case("evaluate-zero-samples", "evaluate.py", ("--num_samples", "0"), r"--num_samples must be at least 1, got 0"),
     Case(

@@ -28,8 +28,9 @@ OPTIONS = [f.name for f, _ in declared(SamplingOptions)]
 BAD_VALUES = [
     ("sampler", ["euler"], "euler", "sampler must be one of ddpm, ddim, dpmpp_2m, got 'euler'"),
     ("steps", ["0"], 0, "steps must be at least 1, got 0"),
-    ("guidance_scale", ["-1"], -1.0, "guidance_scale must be >= 0, got -1.0"),
-    ("guidance_scale", ["nan"], math.nan, "guidance_scale must be >= 0, got nan"),  # not JSON: 422 from the API
+    ("guidance_scale", ["-1"], -1.0, "guidance_scale must be in [0, 30], got -1.0"),
+    ("guidance_scale", ["31"], 31.0, "guidance_scale must be in [0, 30], got 31.0"),
+    ("guidance_scale", ["nan"], math.nan, "guidance_scale must be in [0, 30], got nan"),  # not JSON: 422 from the API
     ("spacing", ["uniform"], "uniform", "spacing must be one of trailing, leading, linspace, got 'uniform'"),
     ("threshold", ["static"], "static", "threshold must be one of none, clip, dynamic, got 'static'"),
     ("eta", ["-1"], -1.0, "eta must be >= 0, got -1.0"),
@@ -43,7 +44,8 @@ BAD_VALUES = [
     ("guidance_rescale", ["1.5"], 1.5, "guidance_rescale must be in [0, 1], got 1.5"),
     ("guidance_parallel", ["-0.5"], -0.5, "guidance_parallel must be in [0, 1], got -0.5"),
     ("num_samples", ["0"], 0, "num_samples must be at least 1, got 0"),
-    ("seed", ["-1"], -1, "seed must be >= 0, got -1"),
+    ("seed", ["-1"], -1, "seed must be in [0, 9007199254740991], got -1"),
+    ("seed", [str(2**53)], 2**53, "seed must be in [0, 9007199254740991], got 9007199254740992"),
     ("unknown_words", ["sometimes"], "sometimes", "unknown_words must be one of auto, drop, keep, got 'sometimes'"),
 ]
 RULED = {f.name for cls in (Request, SamplingOptions) for f, rule in declared(cls) if rule.has_rule}

@@ -5,6 +5,7 @@ Chromium against the shipped model (slow: real processes)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +26,18 @@ from PIL import Image
 from bench.serve import running_server
 from ddpm import DEFAULT_SAMPLING, SAMPLERS
 from evaluation.judge import judge_images, load_judge
-from serve import WEB, GenerateBody, api_name, create_app, decode_images, iter_events, listening_socket, url_of
+from serve import (
+    MAX_PENDING,
+    MAX_WORK,
+    WEB,
+    GenerateBody,
+    api_name,
+    create_app,
+    decode_images,
+    iter_events,
+    listening_socket,
+    url_of,
+)
 from tests.helpers import PROCESS_ENV, ROOT, run_in_process
 from text2digit import InvalidRequest, Text2Digit
 
@@ -45,11 +58,11 @@ def pipe(checkpoint):
     return Text2Digit.from_checkpoint(checkpoint, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def url(pipe):
-    """The app in a real uvicorn server on a free port, on a thread of this process."""
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """``app`` in a real uvicorn server on a free port, on a thread of this process; yields its URL."""
     sock = listening_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(pipe), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -59,6 +72,12 @@ def url(pipe):
     yield url_of(sock)
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def url(pipe):
+    with serving(create_app(pipe)) as address:
+        yield address
 
 
 def events(url: str, **body) -> list[tuple[str, dict]]:
@@ -89,7 +108,10 @@ def test_the_page_and_its_settings_are_served(url, pipe):
     assert config["defaults"]["sampler"] == DEFAULT_SAMPLING.sampler
     assert config["defaults"]["guidance_scale"] == DEFAULT_SAMPLING.guidance_scale
     assert config["defaults"]["num_samples"] == 8
-    assert config["limits"] == {"max_steps": 1000, "max_digits": 64}
+    limits = {"max_steps": 1000, "max_digits": 64, "max_work": MAX_WORK, "max_pending": MAX_PENDING}
+    assert {name: config["limits"][name] for name in limits} == limits
+    assert config["limits"]["ranges"]["seed"] == [0, 2**53 - 1]
+    assert config["limits"]["ranges"]["guidance_scale"] == [0, 30]
     assert config["examples"] == pipe.model.vocabulary.examples()  # hints from the model's own vocabulary
 
 
@@ -131,9 +153,12 @@ def test_a_frame_arrives_for_every_step(url):
         ({"prompt": "7", "steps": 1001}, "steps", "exceeds the model's 1000 training timesteps"),
         ({"prompt": "7", "num_samples": 0}, "num_samples", "num_samples must be at least 1"),
         ({"prompt": "7", "num_samples": 65}, "num_samples", "num_samples must be at most 64"),
-        ({"prompt": "7", "guidance_scale": -1}, "guidance_scale", "guidance_scale must be >= 0"),
+        ({"prompt": "7", "guidance_scale": -1}, "guidance_scale", "guidance_scale must be in [0, 30]"),
         ({"prompt": "7", "sampler": "euler"}, "sampler", "sampler must be one of ddpm, ddim, dpmpp_2m"),
-        ({"prompt": "7", "seed": -1}, "seed", "seed must be >= 0"),
+        ({"prompt": "7", "seed": -1}, "seed", "seed must be in [0, 9007199254740991]"),
+        ({"prompt": "7", "seed": 2**70}, "seed", "seed must be in [0, 9007199254740991], got 1180591620717411303424"),
+        ({"prompt": "7", "guidance_scale": 1e308}, "guidance_scale", "guidance_scale must be in [0, 30], got 1e+308"),
+        ({"prompt": "7", "steps": 1000, "num_samples": 9}, "steps", "num_samples x steps is 9000 digit-steps, more"),
         ({"prompt": "7", "guidance_interval": [3, 1]}, "guidance_interval", "two noise levels 0 <= low < high"),
         ({"prompt": "7", "eta": 0.5}, "eta", "eta only applies to sampler ddim, not dpmpp_2m"),
     ],
@@ -204,12 +229,12 @@ def test_concurrent_requests_get_only_their_own_frames(url, pipe):
         assert np.abs(images.astype(int) - expected).max() <= 1
 
 
+HEAVY = {"prompt": "5", "steps": 1000, "num_samples": MAX_WORK // 1000}  # the most work one request may ask
+
+
 def test_a_client_that_leaves_frees_the_worker(url):
-    """1000 steps of 64 digits would take the tiny model far longer than the deadlines here."""
     before = status(url)
-    with httpx.stream(
-        "POST", f"{url}/api/generate", json={"prompt": "5", "steps": 1000, "num_samples": 64}, timeout=60
-    ) as response:
+    with httpx.stream("POST", f"{url}/api/generate", json=HEAVY, timeout=60) as response:
         for name, _ in iter_events(response.iter_lines()):
             if name == "frame":
                 break  # leave mid-generation: closing the response closes the connection
@@ -221,6 +246,31 @@ def test_a_client_that_leaves_frees_the_worker(url):
     start = time.monotonic()
     frames, _ = frames_and_result(events(url, prompt="1", steps=2, num_samples=1))
     assert len(frames) == 2 and time.monotonic() - start < 10
+
+
+def test_a_flood_is_turned_away_in_one_line_and_the_server_recovers(pipe):
+    """Clients hold the queue full with the most work a request may ask; 20 more are each answered 503
+    with Retry-After at once, and once the holders leave, the queue drains and a request is served."""
+    with serving(create_app(pipe, max_pending=2)) as url, contextlib.ExitStack() as holders:
+        for _ in range(2):
+            held = holders.enter_context(httpx.stream("POST", f"{url}/api/generate", json=HEAVY, timeout=60))
+            assert held.status_code == 200
+        assert status(url)["pending"] == 2
+        turned_away = [httpx.post(f"{url}/api/generate", json=HEAVY) for _ in range(20)]
+        assert status(url)["pending"] == 2, "a holder finished during the flood: the test needs more work"
+        for response in turned_away:
+            refusal = response.json()
+            assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
+            assert refusal["field"] is None and "\n" not in refusal["error"]
+            assert refusal["error"].startswith("the server is busy: 2 requests are queued or running")
+            assert refusal["error"].endswith(f"retry in {response.headers['Retry-After']} s")
+        holders.close()  # the clients leave
+        left = time.monotonic()
+        while (now := status(url))["pending"]:
+            assert time.monotonic() - left < 10, f"the queue did not drain after its clients left: {now}"
+            time.sleep(0.05)
+        frames, _ = frames_and_result(events(url, prompt="1", steps=2, num_samples=1))
+        assert len(frames) == 2
 
 
 @pytest.mark.parametrize(

@@ -227,6 +227,11 @@ async function loadConfig() {
     if (input?.type === "checkbox") input.checked = value;
     else if (input) input.value = value;
   }
+  for (const [name, [low, high]] of Object.entries(config.limits.ranges)) {
+    const input = $(name);
+    if (input && low !== null) input.min = low;
+    if (input && high !== null) input.max = high;
+  }
   $("steps").max = config.limits.max_steps;
   $("num_samples").max = maxDigits = config.limits.max_digits;
   $("model").textContent = config.model;
