@@ -272,10 +272,17 @@ class Worker:
 
 
 def describe(pipe: Text2Digit) -> str:
-    """The model in a few words: its file (relative to the repository when inside it), epoch, precision, device."""
-    path = pipe.model.path.resolve()
-    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    return f"{shown}, epoch {pipe.model.epoch}, {'bf16' if pipe.bf16 else 'fp32'} on {pipe.device}"
+    """The model in a few words: its file (relative to the repository when inside it), epoch, its guide
+    (autoguidance), precision, device."""
+    guide = "" if pipe.guide is None else f", guided by {shown_path(pipe.guide.path)}"
+    precision = "bf16" if pipe.bf16 else "fp32"
+    return f"{shown_path(pipe.model.path)}, epoch {pipe.model.epoch}{guide}, {precision} on {pipe.device}"
+
+
+def shown_path(path: Path) -> Path:
+    """``path`` relative to the repository when inside it."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def page_config(pipe: Text2Digit, body: type[Body], max_pending: int) -> dict:

@@ -32,7 +32,7 @@ from data.shapes import IMAGE_SHAPE
 from data.tokens import CONTEXT_LENGTH, truncated_prompt
 from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions, generate
 from ddpm.options import InvalidRequest, OutOfRange, check, front_name, option
-from models.checkpoint import SHIPPED
+from models.checkpoint import AUTO_GUIDE, SHIPPED, resolve_guide
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import pick_device, use_bf16
 from runtime.errors import UserError
@@ -108,7 +108,9 @@ class Request:
     # top is the largest integer a JSON client in JavaScript holds exactly, so the page can repeat any seed
     seed: int = option(0, help="image i of a request depends only on the seed and i", low=0, high=MAX_SEED)
     negative_prompt: str = option(
-        EMPTY_PROMPT, help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half"
+        EMPTY_PROMPT,
+        help="prompt to steer away from: replaces the empty prompt in guidance's unconditional half (with "
+        "autoguidance, the prompt the guide reads)",
     )
     allow_truncation: bool = option(
         False, help=f"accept prompts longer than the text encoder's {CONTEXT_LENGTH} tokens, cut to their first words"
@@ -227,16 +229,19 @@ class Text2Digit:
         device: str = "auto",
         precision: str = "fp32",
         text_encoder: str | None = None,
-        guide: str | Path | None = None,
+        guide: str | Path | None = AUTO_GUIDE,
     ) -> Text2Digit:
         """Load ``path``'s EMA weights (None: the model that ships with the repository, models/pretrained/)
         and the text encoder they were trained with. ``precision`` fp32 keeps every image independent
         of the batch it is sampled in; bf16 is faster where the hardware does it natively. ``guide``: a
         worse checkpoint of the same data (smaller, or trained for less long) that guides the model in
-        place of the unconditional prompt (autoguidance, ddpm/guidance.py)."""
+        place of the unconditional prompt (autoguidance, ddpm/guidance.py); ``"auto"``, the one the
+        model's record names (the shipped model's); None or ``"none"``, the unconditional prompt."""
         torch_device = pick_device(device)
-        model = load_trained_model(Path(path or SHIPPED), torch_device, text_encoder)
-        worse = None if guide is None else load_trained_model(Path(guide), torch_device, text_encoder)
+        path = Path(path or SHIPPED)
+        model = load_trained_model(path, torch_device, text_encoder)
+        guide_path = resolve_guide(guide, path)
+        worse = None if guide_path is None else load_trained_model(guide_path, torch_device, text_encoder)
         return cls(model, use_bf16(precision, torch_device), worse)
 
     def __call__(
@@ -296,6 +301,17 @@ class Text2Digit:
             progress=progress,
             callback=on_step,
             bf16=self.bf16,
-            guide_net=None if self.guide is None else self.guide.net,
+            guide_net=self._guide_net(request, tokens[-1:]),
         )
         return to_uint8(images).reshape(len(request.prompts), request.num_samples, *IMAGE_SHAPE[1:])
+
+    def _guide_net(self, request: Request, negative: torch.Tensor):
+        """Autoguidance's worse network, reading the prompt itself, or the negative prompt (its tokens
+        ``negative``) when the request has one: the update then also pushes away from what the worse
+        model draws for those words, as classifier-free guidance does from the negative prompt (on the
+        quick-start model, negative "thick" thins the strokes from +5% to -7% of the data's)."""
+        if self.guide is None:
+            return None
+        if request.negative_prompt == EMPTY_PROMPT:
+            return self.guide.net
+        return lambda x, t, context: self.guide.net(x, t, negative.expand_as(context))

@@ -6,11 +6,12 @@
 
 One model (``--checkpoint``, a training checkpoint: it holds the raw weights beside the EMA ones) is
 sampled for ``--per_digit`` images of each digit, prompted by its numeral, from the same seeds in every
-row, changing one thing from the default sampling at a time (``CAUSES``): the sampler and its steps with
-guidance off, the guidance scale, the thresholding and the EMA against the raw weights. ``--table
-guidance`` samples the guidance methods instead (``GUIDANCE``: adaptive projected guidance, other
-intervals and, with ``--guide_checkpoint``, autoguidance, against the default). Each model of
-``--models`` (another patch size, an earlier epoch) is then sampled at the defaults. Every row is
+row, changing one thing at a time from the table's base sampling (``CAUSES``): the sampler and its
+steps with guidance off, the guidance scale, the thresholding and the EMA against the raw weights.
+``--table guidance`` samples the guidance methods instead (``GUIDANCE``: adaptive projected guidance,
+other intervals and, with ``--guide_checkpoint``, autoguidance), and ``--table samplers`` the SDE
+solver against the ODE's (``SOLVERS``). Each model of ``--models`` (another patch size, an earlier
+epoch) is then sampled at the table's base. Every row is
 judged (accuracy, Fréchet distance beside the real floor at the same count) and measured (median
 thickness and width over the real test digits', and the speck rate beside the real test set's).
 """
@@ -37,10 +38,12 @@ from runtime.files import atomic_write
 from runtime.flags import CliParser
 from text2digit import Request, Text2Digit
 
-# (label, sampling options changed from the defaults, network: "ema", "raw" weights, or "guided" by
-# --guide_checkpoint's autoguidance): one factor at a time
+# (label, sampling options changed from the table's base, network: "ema", "raw" weights, or "guided" by
+# --guide_checkpoint's autoguidance): one factor at a time. The causes and the guidance were measured from
+# the defaults before the SDE solver became the default: their base is the ODE solver, dpmpp_2m.
+ODE = {"sampler": "dpmpp_2m"}
 CAUSES: tuple[tuple[str, dict, str], ...] = (
-    ("defaults", {}, "ema"),
+    ("dpmpp_2m (ODE), 20 steps, guidance 6 at sigma > 2", {}, "ema"),
     ("ddpm, 1000 steps, no guidance", {"sampler": "ddpm", "steps": 1000, "guidance_scale": 1.0}, "ema"),
     ("default sampler and steps, no guidance", {"guidance_scale": 1.0}, "ema"),
     ("default sampler, 50 steps, no guidance", {"steps": 50, "guidance_scale": 1.0}, "ema"),
@@ -53,7 +56,7 @@ CAUSES: tuple[tuple[str, dict, str], ...] = (
 )
 # guidance that does not over-saturate, against the default (--table guidance)
 GUIDANCE: tuple[tuple[str, dict, str], ...] = (
-    ("defaults: CFG 6 at sigma > 2", {}, "ema"),
+    ("dpmpp_2m, CFG 6 at sigma > 2", {}, "ema"),
     ("APG eta 0, scale 6 at sigma > 2", {"guidance_parallel": 0.0}, "ema"),
     ("APG eta 0, scale 8 at sigma > 2", {"guidance_parallel": 0.0, "guidance_scale": 8.0}, "ema"),
     ("CFG 6 at sigma > 4", {"guidance_interval": (4.0, math.inf)}, "ema"),
@@ -64,16 +67,47 @@ GUIDANCE: tuple[tuple[str, dict, str], ...] = (
     ("autoguidance 3, every step", {"guidance_scale": 3.0, "guidance_interval": (0.0, math.inf)}, "guided"),
     ("autoguidance 2 at sigma > 2", {"guidance_scale": 2.0}, "guided"),
 )
-TABLES = {"causes": CAUSES, "guidance": GUIDANCE}
+# the solver: stochastic (SDE) sampling against the ODE's, at the default guidance and less (--table samplers)
+SOLVERS: tuple[tuple[str, dict, str], ...] = (
+    ("dpmpp_2m (ODE), 20 steps", ODE, "ema"),
+    ("defaults: dpmpp_2m_sde, 20 steps", {}, "ema"),
+    ("dpmpp_2m_sde, 10 steps", {"sampler": "dpmpp_2m_sde", "steps": 10}, "ema"),
+    ("dpmpp_2m_sde, 40 steps", {"sampler": "dpmpp_2m_sde", "steps": 40}, "ema"),
+    ("dpmpp_2m_sde, 20 steps, guidance 4", {"sampler": "dpmpp_2m_sde", "guidance_scale": 4.0}, "ema"),
+    ("dpmpp_2m_sde, 20 steps, guidance 3", {"sampler": "dpmpp_2m_sde", "guidance_scale": 3.0}, "ema"),
+    ("dpmpp_2m_sde, 20 steps, rescale 0.7", {"sampler": "dpmpp_2m_sde", "guidance_rescale": 0.7}, "ema"),
+    ("dpmpp_2m_sde, 20 steps, rescale 1", {"sampler": "dpmpp_2m_sde", "guidance_rescale": 1.0}, "ema"),
+    (
+        "dpmpp_2m_sde, 20 steps, guidance 8 at sigma > 4",
+        {"sampler": "dpmpp_2m_sde", "guidance_scale": 8.0, "guidance_interval": (4.0, math.inf)},
+        "ema",
+    ),
+    (
+        "dpmpp_2m_sde, autoguidance 3, every step",
+        {"guidance_scale": 3.0, "guidance_interval": (0.0, math.inf)},
+        "guided",
+    ),
+    (
+        "dpmpp_2m_sde, autoguidance 4, every step",
+        {"guidance_scale": 4.0, "guidance_interval": (0.0, math.inf)},
+        "guided",
+    ),
+    ("dpmpp_2m_sde, autoguidance 4 at sigma > 2", {"guidance_scale": 4.0}, "guided"),
+    ("dpmpp_2m_sde, autoguidance 5 at sigma > 2", {"guidance_scale": 5.0}, "guided"),
+    ("dpmpp_2m_sde, autoguidance 6 at sigma > 2", {"guidance_scale": 6.0}, "guided"),
+    ("ddpm, 20 steps", {"sampler": "ddpm"}, "ema"),
+    ("ddpm, 100 steps", {"sampler": "ddpm", "steps": 100}, "ema"),
+)
+TABLES = {"causes": (CAUSES, ODE), "guidance": (GUIDANCE, ODE), "samplers": (SOLVERS, {})}  # rows, base
 
 
 def parse_args(argv: list[str]):
     p = CliParser(prog="python -m bench.root_cause", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint (raw and EMA weights)")
-    p.add_argument("--models", type=Path, nargs="*", default=[], help="more checkpoints, sampled at the defaults")
+    p.add_argument("--models", type=Path, nargs="*", default=[], help="more checkpoints, sampled at the table's base")
     p.add_argument("--guide_checkpoint", type=Path, help="the worse model of the autoguidance rows (else skipped)")
     p.add_argument("--per_digit", type=int, default=100, help="images of each digit per row")
-    p.add_argument("--table", choices=tuple(TABLES), default="causes", help="which rows: causes or guidance")
+    p.add_argument("--table", choices=tuple(TABLES), default="causes", help="which rows")
     p.add_argument("--rows", default="", help="comma list of the table's row numbers to run (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -83,7 +117,8 @@ def parse_args(argv: list[str]):
     args = p.parse_args(argv)
     if args.per_digit < 2:
         raise UserError(f"--per_digit must be at least 2 (a covariance needs two images), got {args.per_digit}")
-    rows = [row for row in TABLES[args.table] if row[2] != "guided" or args.guide_checkpoint]
+    table_rows, args.base = TABLES[args.table]
+    rows = [row for row in table_rows if row[2] != "guided" or args.guide_checkpoint]
     try:
         args.rows = [rows[int(i)] for i in args.rows.split(",")] if args.rows else list(rows)
     except (ValueError, IndexError):
@@ -136,17 +171,17 @@ def main() -> None:
         pipes["raw"] = Text2Digit(with_raw_weights(model), bf16)
     if args.guide_checkpoint:
         pipes["guided"] = Text2Digit(model, bf16, load_trained_model(args.guide_checkpoint, device))
+    base = DEFAULT_SAMPLING.replace(**args.base)
     print(f"{args.checkpoint} (epoch {model.epoch}); {args.per_digit} images per digit, seed {args.seed}, "
-          f"{'bf16' if bf16 else 'fp32'} on {device}; defaults: {DEFAULT_SAMPLING}\n", flush=True)  # fmt: skip
+          f"{'bf16' if bf16 else 'fp32'} on {device}; the rows change: {base}\n", flush=True)  # fmt: skip
     rows = []
     for label, changes, network in args.rows:
-        options = DEFAULT_SAMPLING.replace(**changes)
-        rows.append({"label": label, **row_scores(pipes[network], options, args, reference, judge)})
+        rows.append({"label": label, **row_scores(pipes[network], base.replace(**changes), args, reference, judge)})
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     for path in args.models:
         other = load_trained_model(path, device)
-        label = f"{path} (patch {other.saved.unet.patch_size}, epoch {other.epoch}), defaults"
-        rows.append({"label": label, **row_scores(Text2Digit(other, bf16), DEFAULT_SAMPLING, args, reference, judge)})
+        label = f"{path} (patch {other.saved.unet.patch_size}, epoch {other.epoch}), the table's base"
+        rows.append({"label": label, **row_scores(Text2Digit(other, bf16), base, args, reference, judge)})
     print(f"\n{table(rows)}")
     if args.out:
         atomic_write(args.out, lambda f: f.write(json.dumps(rows, indent=2, default=float).encode()))

@@ -31,7 +31,8 @@ class SamplingOptions:
     knob is one field here (and its test). Constructing options checks them (OutOfRange otherwise).
     """
 
-    sampler: str = option("dpmpp_2m", help="the sampler (ddpm/samplers.py)", choices=tuple(SAMPLERS))
+    # the SDE solver: the ODE's carries the network's errors to the end as stray specks (docs/results.md)
+    sampler: str = option("dpmpp_2m_sde", help="the sampler (ddpm/samplers.py)", choices=tuple(SAMPLERS))
     steps: int = option(20, help="sampling steps (network calls per image)", low=1)
     # beyond 30 every update is a step far outside the data: the x0 prediction only saturates
     guidance_scale: float = option(6.0, help="classifier-free guidance scale s", low=0, high=MAX_GUIDANCE_SCALE)

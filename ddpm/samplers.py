@@ -208,15 +208,61 @@ def sample_dpmpp_2m(
         _, x0 = denoise(i, x, t, ab_t)
         if s < 0:
             break
-        h = 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
-        d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
+        h = _log_snr_step(ab_t, ab_s)
+        d = _multistep_x0(x0, x0_prev, h, h_prev)
         x = math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x0
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    diffusion: GaussianDiffusion,
+    steps: int,
+    generator: Generator = None,
+    spacing: str = "trailing",
+    threshold: str = "none",
+    callback: Callback = None,
+) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", section 5 and appendix): the same
+    multistep data-prediction solver as :func:`sample_dpmpp_2m`, for the reverse SDE instead of the ODE.
+
+    x_s = (sigma_s / sigma_t) e^{-h} x_t + alpha_s (1 - e^{-2h}) D + sigma_s sqrt(1 - e^{-2h}) z, with
+    D as in :func:`sample_dpmpp_2m` (midpoint form). Its first-order step (D = x0_t) is DDPM's
+    posterior step exactly. The fresh noise at every step corrects the network's errors along the way
+    (Karras et al. 2022, section 4), where the ODE carries them to the end; the last step returns x0_t.
+    """
+    denoise = _denoiser(eps_fn, threshold, callback)
+    x = x_T
+    x0_prev, h_prev = None, None
+    for i, (t, s, ab_t, ab_s) in enumerate(_schedule(diffusion, steps, spacing)):
+        _, x0 = denoise(i, x, t, ab_t)
+        if s < 0:
+            break
+        h = _log_snr_step(ab_t, ab_s)
+        d = _multistep_x0(x0, x0_prev, h, h_prev)
+        decay = -math.expm1(-2 * h)  # 1 - e^{-2h}
+        x = math.sqrt((1 - ab_s) / (1 - ab_t)) * math.exp(-h) * x + math.sqrt(ab_s) * decay * d
+        x = x + math.sqrt((1 - ab_s) * decay) * randn_like(x, generator)
+        x0_prev, h_prev = x0, h
+    return x0
+
+
+def _log_snr_step(ab_t: float, ab_s: float) -> float:
+    """h = lambda_s - lambda_t, with lambda = log(alpha / sigma) = log(ab / (1 - ab)) / 2."""
+    return 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
+
+
+def _multistep_x0(x0: torch.Tensor, x0_prev: torch.Tensor | None, h: float, h_prev: float | None) -> torch.Tensor:
+    """DPM-Solver++(2M)'s D: x0_t on the first step, then (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h."""
+    return x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
 }

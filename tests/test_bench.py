@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench.root_cause import CAUSES
 from ddpm import SAMPLERS
 from tests.helpers import ENV, ROOT
 
@@ -91,11 +92,11 @@ def test_root_cause_samples_each_row_from_the_same_seeds_and_writes_its_table(ti
     checkpoint = sorted((tiny_run / "checkpoints").glob("checkpoint_epoch_*.pt"))[-1]
     out = tmp_path / "rows.json"
     flags = ("--checkpoint", checkpoint, "--per_digit", 2, "--precision", "fp32", "--out", out)
-    stdout = run("bench.root_cause", *flags, "--rows", "0,7", "--models", checkpoint)
+    stdout = run("bench.root_cause", *flags, "--rows", "0,9", "--models", checkpoint)
     rows = json.loads(out.read_text())
-    assert [r["label"] for r in rows[:2]] == ["defaults", "raw weights (no EMA)"] and "patch 1" in rows[2]["label"]
+    assert [r["label"] for r in rows[:2]] == [CAUSES[0][0], "raw weights (no EMA)"] and "patch 1" in rows[2]["label"]
     assert all(r["samples"] == 20 and 0 <= r["speck_rate"] <= 1 and r["fmd_floor"] > 0 for r in rows)
-    assert rows[2]["fmd"] == pytest.approx(rows[0]["fmd"])  # the same model at the defaults: the same images
+    assert rows[2]["fmd"] == pytest.approx(rows[0]["fmd"])  # the same model at the base: the same images
     assert "| raw weights (no EMA) |" in stdout
     run("bench.root_cause", *flags, "--table", "guidance", "--rows", "1")
     assert json.loads(out.read_text())[0]["label"].startswith("APG eta 0")

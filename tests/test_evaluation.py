@@ -256,7 +256,7 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
         (["--num_samples", "0"], "--num_samples must be at least 1"),
         (["--guidance_scale", "1,x"], "--guidance_scale must be a number or a comma list"),
         (["--guidance_scale", "4,-1"], "--guidance_scale must be >= 0, got -1.0"),
-        (["--sampler", "euler"], "--sampler must be one of ddpm, ddim, dpmpp_2m, got 'euler'"),
+        (["--sampler", "euler"], "--sampler must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, got 'euler'"),
     ],
 )
 def test_evaluate_rejects_bad_flags(flags, message):

@@ -13,7 +13,7 @@ from PIL import Image
 from data.captions import VOCABULARIES
 from data.prompts import Reader
 from evaluation.judge import judge_images, load_judge
-from models.checkpoint import PRETRAINED_DIR, SHIPPED, shipped_record
+from models.checkpoint import PRETRAINED_DIR, SHIPPED, resolve_guide, shipped_record
 from models.pretrained import RECIPES
 from runtime.errors import UserError
 from tests.helpers import ROOT, state_bytes, train_tiny, write_untrained_checkpoint
@@ -43,13 +43,34 @@ def test_the_shipped_model_draws_the_prompted_digits(pipe):
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_each_shipped_file_is_what_its_record_says(name):
-    """The default model (the seed's recipe) and the quick start's record, each small (fp16 EMA weights)."""
+    """The default model (the seed's recipe), its guide and the quick start's record, each small (fp16 EMA
+    weights)."""
     path = PRETRAINED_DIR / f"{name}.pt"
     record = shipped_record(path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
     assert record["command"] == RECIPES[name] and record["vocabulary"]["name"] == "free-text-2"
     assert path.stat().st_size < 8 * 2**20
     assert SHIPPED == PRETRAINED_DIR / "mnist.pt"
+
+
+def test_the_shipped_model_is_guided_by_the_guide_its_record_names(pipe):
+    """Autoguidance by default for the shipped model (its record names guide.pt, a model of the same text
+    features and schedule); "none" is classifier-free guidance with the unconditional prompt."""
+    assert (
+        shipped_record(SHIPPED)["guide"] == "guide.pt"
+        and RECIPES["guide"] in shipped_record(PRETRAINED_DIR / "guide.pt")["command"]
+    )
+    assert (
+        resolve_guide("auto", SHIPPED) == PRETRAINED_DIR / "guide.pt" and pipe.guide.path == PRETRAINED_DIR / "guide.pt"
+    )
+    assert resolve_guide("none", SHIPPED) is None and resolve_guide(None, SHIPPED) is None
+    assert Text2Digit.from_checkpoint(guide="none").guide is None
+
+
+def test_a_checkpoint_without_a_record_has_no_guide_unless_named(tmp_path):
+    path = write_untrained_checkpoint(tmp_path / "c.pt")
+    assert resolve_guide("auto", path) is None and Text2Digit.from_checkpoint(path, device="cpu").guide is None
+    assert resolve_guide(str(path), SHIPPED) == path
 
 
 def test_same_seed_same_digits_and_a_callback_per_step(pipe):
@@ -127,6 +148,11 @@ def test_autoguidance_by_the_model_itself_is_the_unguided_model_and_a_foreign_gu
     unguided = Text2Digit.from_checkpoint(path, device="cpu")
     request = dict(num_samples=2, steps=3, seed=4)
     assert np.array_equal(self_guided("7", guidance_scale=3.0, **request), unguided("7", guidance_scale=1.0, **request))
+    # with a negative prompt the guide reads it: the model guiding itself is then classifier-free guidance
+    # from the negative prompt (two calls instead of one batched call: within a grey level)
+    negative = dict(request, guidance_scale=3.0, negative_prompt="thick")
+    difference = self_guided("7", **negative).astype(int) - unguided("7", **negative)
+    assert np.abs(difference).max() <= 1
     other = write_untrained_checkpoint(tmp_path / "other.pt", num_train_timesteps=500)
     with pytest.raises(UserError, match="another text encoder or noise schedule") as refused:
         Text2Digit.from_checkpoint(path, device="cpu", guide=other)

@@ -88,6 +88,7 @@ def test_ks_statistics_by_hand():
         ("ddim", 1000, {"eta": 1.0}),
         ("ddim", 250, {"eta": 0.5}),
         ("dpmpp_2m", 20, {}),
+        ("dpmpp_2m_sde", 50, {}),
     ],
 )
 def test_sampler_reproduces_gaussian_data(diffusion, name, steps, options):
@@ -109,6 +110,29 @@ def test_ddim_eta_one_is_ancestral_ddpm(diffusion):
         draw(diffusion, name, 30, seed=3, n=500, **opts) for name, opts in (("ddpm", {}), ("ddim", {"eta": 1.0}))
     ]
     np.testing.assert_allclose(*same_noise, rtol=0, atol=1e-9)
+
+
+def test_sde_solver_starts_as_ddpm_and_disperses_better(diffusion):
+    """SDE-DPM-Solver++(2M)'s first step is first order, DDPM's posterior step (Lu et al. 2022): with
+    the same noise, the same x after it. Its second-order steps then keep the spread of the data where
+    respaced DDPM under-disperses (test_respaced_ddpm_converges)."""
+    seen = {}
+    for name in ("ddpm", "dpmpp_2m_sde"):
+        x_T = torch.randn(500, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        calls = []
+        SAMPLERS[name](
+            gaussian_eps_fn(diffusion),
+            x_T,
+            diffusion,
+            10,
+            generator=torch.Generator().manual_seed(1),
+            callback=lambda *a, calls=calls: calls.append(a),
+        )
+        seen[name] = calls[1][2]  # the state the second network call sees
+    torch.testing.assert_close(seen["ddpm"], seen["dpmpp_2m_sde"], rtol=0, atol=1e-12)
+    for steps in (10, 20):
+        ddpm, sde = (abs(draw(diffusion, name, steps, seed=0).std() - SIGMA) for name in ("ddpm", "dpmpp_2m_sde"))
+        assert sde < ddpm / 3, (steps, sde, ddpm)
 
 
 def ode_errors(diffusion, name, spacing, step_counts):
@@ -145,7 +169,7 @@ def test_sampling_timesteps_by_hand():
     assert sampling_timesteps(1000, 1000) == sampling_timesteps(1000, 1000, "leading") == list(range(999, -1, -1))
 
 
-@pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpmpp_2m", {})])
+@pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpmpp_2m", {}), ("dpmpp_2m_sde", {})])
 def test_callback_sees_every_step(diffusion, name, options):
     """One network call per step, int64 timesteps [B], and the callback sees what the network saw."""
     calls, seen = [], []

@@ -26,7 +26,7 @@ from training.config import TrainConfig
 OPTIONS = [f.name for f, _ in declared(SamplingOptions)]
 # A bad value of every declared field that has a rule: (field, its flag's words, its value, the message).
 BAD_VALUES = [
-    ("sampler", ["euler"], "euler", "sampler must be one of ddpm, ddim, dpmpp_2m, got 'euler'"),
+    ("sampler", ["euler"], "euler", "sampler must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, got 'euler'"),
     ("steps", ["0"], 0, "steps must be at least 1, got 0"),
     ("guidance_scale", ["-1"], -1.0, "guidance_scale must be in [0, 30], got -1.0"),
     ("guidance_scale", ["31"], 31.0, "guidance_scale must be in [0, 30], got 31.0"),
@@ -34,7 +34,7 @@ BAD_VALUES = [
     ("spacing", ["uniform"], "uniform", "spacing must be one of trailing, leading, linspace, got 'uniform'"),
     ("threshold", ["static"], "static", "threshold must be one of none, clip, dynamic, got 'static'"),
     ("eta", ["-1"], -1.0, "eta must be >= 0, got -1.0"),
-    ("eta", ["0.5"], 0.5, "eta only applies to sampler ddim, not dpmpp_2m; drop eta or use sampler ddim"),
+    ("eta", ["0.5"], 0.5, "eta only applies to sampler ddim, not dpmpp_2m_sde; drop eta or use sampler ddim"),
     (
         "guidance_interval",
         ["3", "1"],

@@ -154,13 +154,13 @@ def test_a_frame_arrives_for_every_step(url):
         ({"prompt": "7", "num_samples": 0}, "num_samples", "num_samples must be at least 1"),
         ({"prompt": "7", "num_samples": 65}, "num_samples", "num_samples must be at most 64"),
         ({"prompt": "7", "guidance_scale": -1}, "guidance_scale", "guidance_scale must be in [0, 30]"),
-        ({"prompt": "7", "sampler": "euler"}, "sampler", "sampler must be one of ddpm, ddim, dpmpp_2m"),
+        ({"prompt": "7", "sampler": "euler"}, "sampler", "sampler must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"),
         ({"prompt": "7", "seed": -1}, "seed", "seed must be in [0, 9007199254740991]"),
         ({"prompt": "7", "seed": 2**70}, "seed", "seed must be in [0, 9007199254740991], got 1180591620717411303424"),
         ({"prompt": "7", "guidance_scale": 1e308}, "guidance_scale", "guidance_scale must be in [0, 30], got 1e+308"),
         ({"prompt": "7", "steps": 1000, "num_samples": 9}, "steps", "num_samples x steps is 9000 digit-steps, more"),
         ({"prompt": "7", "guidance_interval": [3, 1]}, "guidance_interval", "two noise levels 0 <= low < high"),
-        ({"prompt": "7", "eta": 0.5}, "eta", "eta only applies to sampler ddim, not dpmpp_2m"),
+        ({"prompt": "7", "eta": 0.5}, "eta", "eta only applies to sampler ddim, not dpmpp_2m_sde"),
     ],
 )
 def test_a_bad_request_gets_the_pipelines_message(url, pipe, body, field, fragment):
