@@ -37,7 +37,7 @@ from evaluation.reference import RealReference
 from evaluation.report import plot_sweep, result_tables, sweep_table
 from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables, summary
 from evaluation.suite import judge_and_reference, score
-from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, add_model_flags, find_model, resolve_guide
+from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, add_model_flags, find_model
 from models.loading import TrainedModel
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
@@ -249,7 +249,6 @@ def main() -> None:
     device = pick_device(args.device)
     args.bf16 = use_bf16(args.precision, device)
     path = find_model(args.checkpoint, args.output_dir)
-    args.guide_checkpoint = resolve_guide(args.guide_checkpoint, path)  # named in the results' file names
     with writable_folder(results_dir(path), "the results go beside the checkpoint, but"):
         evaluate(args, path, device, start)
 

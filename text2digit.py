@@ -32,7 +32,7 @@ from data.shapes import IMAGE_SHAPE
 from data.tokens import CONTEXT_LENGTH, truncated_prompt
 from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions, generate
 from ddpm.options import InvalidRequest, OutOfRange, check, front_name, option
-from models.checkpoint import AUTO_GUIDE, SHIPPED, resolve_guide
+from models.checkpoint import SHIPPED
 from models.loading import TrainedModel, load_trained_model
 from runtime.devices import pick_device, use_bf16
 from runtime.errors import UserError
@@ -229,19 +229,17 @@ class Text2Digit:
         device: str = "auto",
         precision: str = "fp32",
         text_encoder: str | None = None,
-        guide: str | Path | None = AUTO_GUIDE,
+        guide: str | Path | None = None,
     ) -> Text2Digit:
         """Load ``path``'s EMA weights (None: the model that ships with the repository, models/pretrained/)
         and the text encoder they were trained with. ``precision`` fp32 keeps every image independent
         of the batch it is sampled in; bf16 is faster where the hardware does it natively. ``guide``: a
         worse checkpoint of the same data (smaller, or trained for less long) that guides the model in
-        place of the unconditional prompt (autoguidance, ddpm/guidance.py); ``"auto"``, the one the
-        model's record names (the shipped model's); None or ``"none"``, the unconditional prompt."""
+        place of the unconditional prompt (autoguidance, ddpm/guidance.py; the shipped model's is
+        models/pretrained/guide.pt)."""
         torch_device = pick_device(device)
-        path = Path(path or SHIPPED)
-        model = load_trained_model(path, torch_device, text_encoder)
-        guide_path = resolve_guide(guide, path)
-        worse = None if guide_path is None else load_trained_model(guide_path, torch_device, text_encoder)
+        model = load_trained_model(Path(path or SHIPPED), torch_device, text_encoder)
+        worse = None if guide is None else load_trained_model(Path(guide), torch_device, text_encoder)
         return cls(model, use_bf16(precision, torch_device), worse)
 
     def __call__(

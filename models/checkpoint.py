@@ -63,7 +63,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT_DIR = Path("outputs/mnist")  # train.py's, and where the commands look for a checkpoint
 PRETRAINED_DIR = ROOT / "models" / "pretrained"  # the shipped models, each re-made by ``python -m models.pretrained``
 SHIPPED = PRETRAINED_DIR / "mnist.pt"  # the one the commands load when none is named (the seed's recipe)
-AUTO_GUIDE = "auto"  # --guide_checkpoint's default: the guide a shipped model's record names
 EPOCH_NAME = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 STEP_NAME = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 
@@ -302,25 +301,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guide_checkpoint",
-        default=AUTO_GUIDE,
+        type=Path,
         help="autoguidance (Karras et al. 2024): guide with this worse checkpoint of the same data (smaller, or "
-        "trained for less long) instead of the unconditional prompt; --guidance_scale then weighs it. auto "
-        "(default): the guide the model's record names (the shipped model's: models/pretrained/guide.pt), "
-        "else none; none: the unconditional prompt (classifier-free guidance)",
+        "trained for less long) instead of the unconditional prompt; --guidance_scale then weighs it. The "
+        "shipped model's: models/pretrained/guide.pt",
     )
-
-
-def resolve_guide(guide: str | Path | None, model: Path) -> Path | None:
-    """The checkpoint that guides ``model`` (autoguidance), or None for classifier-free guidance: ``auto``
-    is the guide that the model's record (``NAME.json`` beside a shipped model) names, ``none`` (or None)
-    is no guide, anything else a path."""
-    if guide is None or str(guide) == "none":
-        return None
-    if str(guide) != AUTO_GUIDE:
-        return Path(guide)
-    record = Path(model).with_suffix(".json")
-    named = json.loads(record.read_text()).get("guide") if record.is_file() else None
-    return None if named is None else record.parent / named
 
 
 def find_model(checkpoint: Path | None, output_dir: Path | None) -> Path:
@@ -341,11 +326,9 @@ def find_model(checkpoint: Path | None, output_dir: Path | None) -> Path:
         return path
     if output_dir is not None or not SHIPPED.is_file():
         raise no_checkpoint_error(folder)
-    record = shipped_record()
-    guide = f", guided by {record['guide']} unless --guide_checkpoint says otherwise" if "guide" in record else ""
     print(
         f"no checkpoint in {checkpoint_dir(folder)}: using the shipped model {SHIPPED.relative_to(ROOT)} "
-        f"({record['command']}{guide}; see its .json)",
+        f"({shipped_record()['command']}; see its .json)",
         file=sys.stderr,
     )
     return SHIPPED

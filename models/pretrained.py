@@ -4,9 +4,9 @@
 float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
 writer); ``NAME.json`` beside it says how it was made: the command, the commit, the config, its sha256
 and what evaluate.py scored. ``mnist`` (the seed's recipe) is the model the commands load when none is
-named (``models.checkpoint.SHIPPED``), guided by ``guide`` (autoguidance: the quick-start recipe's
-epoch-1 checkpoint, which its record names); ``cpu`` is the README's quick start, the record of what
-``make demo`` reproduces.
+named (``models.checkpoint.SHIPPED``); ``guide`` guides it on request (autoguidance: the quick-start
+recipe's epoch-1 checkpoint); ``cpu`` is the README's quick start, the record of what ``make demo``
+reproduces.
 
     python -m models.pretrained --name cpu --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt \\
         --evaluation outputs/cpu/checkpoints/checkpoint_epoch_0004_eval_..._seed0.json
@@ -36,14 +36,13 @@ RECIPES = {
     # a bad version of the same data, small and briefly trained, for autoguidance (Karras et al. 2024)
     "guide": "python train.py --config configs/cpu.yaml, its checkpoint of epoch 1",
 }
-GUIDES = {"mnist": "guide"}  # the recipe whose model guides another's by default (its record names it)
+GUIDES = ("guide",)  # recipes whose model only guides another: shipped without scores of its own
 EVALUATION_KEYS = ("sampler", "steps", "guidance_scales", "guide_checkpoint", "seed", "bf16", "device")
 
 
 def ship(checkpoint: Path, evaluation: Path | None, name: str, folder: Path = PRETRAINED_DIR) -> dict[str, Any]:
     """Write ``folder``/NAME.pt (what sampling reads of ``checkpoint``, the EMA weights in float16) and its
-    record, NAME.json: with the scores of ``evaluation`` (None for a model that only guides another),
-    and the guide its recipe samples with (``GUIDES``)."""
+    record, NAME.json, with the scores of ``evaluation`` (None for a model that only guides another)."""
     out = folder / f"{name}.pt"
     payload = load_checkpoint(checkpoint)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in payload["ema"]["weights"].items()}
@@ -66,8 +65,6 @@ def ship(checkpoint: Path, evaluation: Path | None, name: str, folder: Path = PR
         "evaluation": {key: scores[key] for key in EVALUATION_KEYS if key in scores} or None,
         "scores": [_scores(result) for result in scores["results"]],
     }
-    if name in GUIDES:
-        record["guide"] = f"{GUIDES[name]}.pt"
     atomic_write(out.with_suffix(".json"), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     return record
 
@@ -101,7 +98,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint trained by that recipe")
     p.add_argument("--evaluation", type=Path, help="evaluate.py's JSON for that checkpoint (none for the guide)")
     args = p.parse_args(sys.argv[1:])
-    if args.evaluation is None and args.name not in GUIDES.values():
+    if args.evaluation is None and args.name not in GUIDES:
         raise UserError(f"--name {args.name} needs --evaluation: run evaluate.py --checkpoint {args.checkpoint}")
     if args.evaluation is not None and not args.evaluation.is_file():
         raise UserError(f"--evaluation {args.evaluation} not found; run evaluate.py --checkpoint {args.checkpoint}")

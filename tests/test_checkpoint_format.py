@@ -193,6 +193,8 @@ def test_the_shipped_model_is_remade_through_the_one_writer_and_samples(tmp_path
     assert all(w.dtype == torch.float16 for w in raw["ema"]["weights"].values() if w.is_floating_point())
     model = load_trained_model(tmp_path / "cpu.pt", torch.device("cpu"))
     assert model.saved.vocabulary.name == "styles" and model.saved.unet.widths == (16, 32)
+    guide = ship(checkpoint, None, "guide", folder=tmp_path)  # a model that only guides: no scores of its own
+    assert guide["command"] == RECIPES["guide"] and guide["evaluation"] is None and guide["scores"] == []
 
 
 def test_the_model_a_command_loads_follows_the_one_rule(tmp_path, monkeypatch, capsys):
