@@ -250,13 +250,22 @@ def test_a_client_that_leaves_frees_the_worker(url):
 
 def test_a_flood_is_turned_away_in_one_line_and_the_server_recovers(pipe):
     """Clients hold the queue full with the most work a request may ask; 20 more are each answered 503
-    with Retry-After at once, and once the holders leave, the queue drains and a request is served."""
+    with Retry-After at once, more work than that, seeds and guidance out of range 400; once the holders
+    leave, the queue drains and a request is served."""
     with serving(create_app(pipe, max_pending=2)) as url, contextlib.ExitStack() as holders:
         for _ in range(2):
             held = holders.enter_context(httpx.stream("POST", f"{url}/api/generate", json=HEAVY, timeout=60))
             assert held.status_code == 200
         assert status(url)["pending"] == 2
         turned_away = [httpx.post(f"{url}/api/generate", json=HEAVY) for _ in range(20)]
+        # what no queue may take is refused as such, full queue or not: too much work, seeds and guidance out of range
+        for body, field in [
+            ({**HEAVY, "num_samples": HEAVY["num_samples"] + 1}, "steps"),
+            ({"prompt": "5", "seed": 2**70}, "seed"),
+            ({"prompt": "5", "guidance_scale": 1e308}, "guidance_scale"),
+        ]:
+            refused = httpx.post(f"{url}/api/generate", json=body)
+            assert refused.status_code == 400 and refused.json()["field"] == field
         assert status(url)["pending"] == 2, "a holder finished during the flood: the test needs more work"
         for response in turned_away:
             refusal = response.json()
