@@ -219,9 +219,9 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
         )
     )
     assert "| seen wordings | 30 |" in proc.stdout and "### guidance sweep" in proc.stdout
-    stem = "checkpoint_epoch_0002_eval_dpmpp_2m_2steps_cfg1-3_n3_seed5"
+    stem = "checkpoint_epoch_0002_eval_dpmpp_2m_sde_2steps_cfg1-3_n3_seed5"
     report = json.loads((checkpoint.parent / f"{stem}.json").read_text())
-    assert (report["sampler"], report["steps"], report["seed"], report["epoch"]) == ("dpmpp_2m", 2, 5, 2)
+    assert (report["sampler"], report["steps"], report["seed"], report["epoch"]) == ("dpmpp_2m_sde", 2, 5, 2)
     assert report["guidance_scales"] == [1.0, 3.0] and report["wall_seconds"] > 0
     assert report["options"] == {  # the other sampling options, JSON's null for the interval's open end
         "spacing": "trailing",
@@ -255,7 +255,7 @@ def test_evaluate_cli_writes_tables_json_and_sweep_plot(tiny_run):
     [
         (["--num_samples", "0"], "--num_samples must be at least 1"),
         (["--guidance_scale", "1,x"], "--guidance_scale must be a number or a comma list"),
-        (["--guidance_scale", "4,-1"], "--guidance_scale must be >= 0, got -1.0"),
+        (["--guidance_scale", "4,-1"], "--guidance_scale must be in \\[0, 30\\], got -1.0"),
         (["--sampler", "euler"], "--sampler must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, got 'euler'"),
     ],
 )
@@ -269,11 +269,11 @@ def test_output_names_keep_their_form_and_add_other_options_only_when_changed():
     args = evaluate.parse_args(["--steps", "2", "--guidance_scale", "1,3", "--num_samples", "3", "--seed", "5"])
     assert (
         evaluate.output_path(args, path, ".json").name
-        == "checkpoint_epoch_0002_eval_dpmpp_2m_2steps_cfg1-3_n3_seed5.json"
+        == "checkpoint_epoch_0002_eval_dpmpp_2m_sde_2steps_cfg1-3_n3_seed5.json"
     )
     args = evaluate.parse_args(["--threshold", "none", "--guidance_interval", "0", "inf", "--guidance_scale", "2"])
     assert evaluate.output_path(args, path, ".png").name == (
-        "checkpoint_epoch_0002_eval_dpmpp_2m_20steps_cfg2_n100_seed0_thresholdnone_guidance_interval0-inf.png"
+        "checkpoint_epoch_0002_eval_dpmpp_2m_sde_20steps_cfg2_n100_seed0_thresholdnone_guidance_interval0-inf.png"
     )
 
 
