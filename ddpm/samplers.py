@@ -201,18 +201,7 @@ def sample_dpmpp_2m(
     and the small r there makes the second-order extrapolation overshoot at 5-10 steps.
     Deterministic: ``generator`` is accepted for the shared signature and unused.
     """
-    denoise = _denoiser(eps_fn, threshold, callback)
-    x = x_T
-    x0_prev, h_prev = None, None
-    for i, (t, s, ab_t, ab_s) in enumerate(_schedule(diffusion, steps, spacing)):
-        _, x0 = denoise(i, x, t, ab_t)
-        if s < 0:
-            break
-        h = _log_snr_step(ab_t, ab_s)
-        d = _multistep_x0(x0, x0_prev, h, h_prev)
-        x = math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x0
+    return _dpmpp_2m(_denoiser(eps_fn, threshold, callback), x_T, diffusion, steps, spacing)
 
 
 @torch.no_grad()
@@ -235,29 +224,37 @@ def sample_dpmpp_2m_sde(
     (Karras et al. 2022, section 4), where the ODE carries them to the end; the last step returns x0_t.
     """
     denoise = _denoiser(eps_fn, threshold, callback)
+    return _dpmpp_2m(denoise, x_T, diffusion, steps, spacing, noise=lambda x: randn_like(x, generator))
+
+
+def _dpmpp_2m(
+    denoise: Callable,
+    x_T: torch.Tensor,
+    diffusion: GaussianDiffusion,
+    steps: int,
+    spacing: str,
+    noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The multistep loop both DPM-Solver++(2M) samplers share: the ODE's step without ``noise``, the
+    SDE's with it (``noise(x)``: standard normal noise shaped like x). h = lambda_s - lambda_t with
+    lambda = log(alpha / sigma) = log(ab / (1 - ab)) / 2, and D = x0_t on the first step, then
+    (1 + 1/(2r)) x0_t - 1/(2r) x0_prev with r = h_prev / h."""
     x = x_T
     x0_prev, h_prev = None, None
     for i, (t, s, ab_t, ab_s) in enumerate(_schedule(diffusion, steps, spacing)):
         _, x0 = denoise(i, x, t, ab_t)
         if s < 0:
             break
-        h = _log_snr_step(ab_t, ab_s)
-        d = _multistep_x0(x0, x0_prev, h, h_prev)
-        decay = -math.expm1(-2 * h)  # 1 - e^{-2h}
-        x = math.sqrt((1 - ab_s) / (1 - ab_t)) * math.exp(-h) * x + math.sqrt(ab_s) * decay * d
-        x = x + math.sqrt((1 - ab_s) * decay) * randn_like(x, generator)
+        h = 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
+        d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
+        if noise is None:
+            x = math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * d
+        else:
+            decay = -math.expm1(-2 * h)  # 1 - e^{-2h}
+            x = math.sqrt((1 - ab_s) / (1 - ab_t)) * math.exp(-h) * x + math.sqrt(ab_s) * decay * d
+            x = x + math.sqrt((1 - ab_s) * decay) * noise(x)
         x0_prev, h_prev = x0, h
     return x0
-
-
-def _log_snr_step(ab_t: float, ab_s: float) -> float:
-    """h = lambda_s - lambda_t, with lambda = log(alpha / sigma) = log(ab / (1 - ab)) / 2."""
-    return 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
-
-
-def _multistep_x0(x0: torch.Tensor, x0_prev: torch.Tensor | None, h: float, h_prev: float | None) -> torch.Tensor:
-    """DPM-Solver++(2M)'s D: x0_t on the first step, then (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h."""
-    return x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
