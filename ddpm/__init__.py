@@ -1,6 +1,6 @@
 """Diffusion math and samplers, independent of any network."""
 
-from ddpm.diffusion import PREDICTIONS, DiffusionConfig, GaussianDiffusion
+from ddpm.diffusion import PREDICTIONS, TIMESTEP_SAMPLINGS, DiffusionConfig, GaussianDiffusion
 from ddpm.generation import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SAMPLING,
@@ -20,6 +20,7 @@ __all__ = [
     "SAMPLERS",
     "SPACINGS",
     "THRESHOLDS",
+    "TIMESTEP_SAMPLINGS",
     "DiffusionConfig",
     "GaussianDiffusion",
     "SamplingOptions",

@@ -222,3 +222,20 @@ def test_autoguidance_guides_with_the_worse_network_on_the_same_prompt():
     eps = eps_fn(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(eps, torch.full((3, 1, 2, 2), 0.5 + 3.0 * (2.0 - 0.5)))  # guide: 0.25 * 2.0
     assert guide_calls == [3] and calls == [3, 3]  # the model once, the guide (which wraps it) once
+
+
+def test_lognormal_timesteps_are_the_nearest_steps_to_edm_noise_levels(diffusion):
+    """Karras et al. 2022: ln sigma ~ N(-1.2, 1.2^2); each drawn step is the one whose closed-form ln sigma_t
+    (sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t, eq. 17's alpha_bar) is nearest to the drawn level."""
+    gen = torch.Generator().manual_seed(0)
+    t = diffusion.sample_timesteps(20_000, gen, torch.device("cpu"), (-1.2, 1.2))
+    levels = torch.Generator().manual_seed(0)
+    drawn = (-1.2 + 1.2 * torch.randn(20_000, generator=levels, dtype=torch.float64)).numpy()
+    alpha_bar = f(np.arange(T) + 1) / f(0)
+    log_sigma = 0.5 * np.log((1 - alpha_bar) / alpha_bar)
+    nearest = np.abs(log_sigma[None, :-1] - drawn[:, None]).argmin(axis=1)  # the clipped last step never wins
+    np.testing.assert_array_equal(t.numpy(), nearest)
+    assert log_sigma[t.numpy()].mean() == pytest.approx(-1.2, abs=0.03)
+    assert log_sigma[t.numpy()].std() == pytest.approx(1.2, abs=0.03)
+    uniform = diffusion.sample_timesteps(20_000, gen, torch.device("cpu"))
+    assert uniform.min() >= 0 and uniform.max() == T - 1 and abs(uniform.float().mean() - (T - 1) / 2) < 10

@@ -21,7 +21,7 @@ import yaml
 
 from data.captions import VOCABULARIES
 from data.shapes import IMAGE_SIZE
-from ddpm import DEFAULT_SAMPLING, DiffusionConfig, SamplingOptions
+from ddpm import DEFAULT_SAMPLING, TIMESTEP_SAMPLINGS, DiffusionConfig, SamplingOptions
 from ddpm.options import refused_as
 from models.checkpoint import DEFAULT_OUTPUT_DIR, config_section
 from models.unet import UNetConfig
@@ -58,6 +58,10 @@ class TrainConfig:
     # diffusion: num_train_timesteps and prediction (ddpm/diffusion.py's DiffusionConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     cond_drop_prob: float = 0.1
+    # training noise levels: uniform timesteps, or lognormal: ln sigma ~ N(log_sigma_mean, log_sigma_std^2)
+    timestep_sampling: str = field(default="uniform", metadata={"choices": TIMESTEP_SAMPLINGS})  # ddpm/diffusion.py
+    log_sigma_mean: float = -1.2  # EDM's P_mean (Karras et al. 2022)
+    log_sigma_std: float = 1.2  # EDM's P_std
     min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023; ddpm/diffusion.py), e.g. 5
     captions: str = field(default="free-text-2", metadata={"choices": tuple(VOCABULARIES)})  # see data/captions.py
     # optimisation
@@ -108,6 +112,10 @@ class TrainConfig:
             flat[key] = list(value) if isinstance(value, tuple) else value
         return flat
 
+    def log_sigma(self) -> tuple[float, float] | None:
+        """The law of the training noise levels, as GaussianDiffusion.sample_timesteps takes it."""
+        return (self.log_sigma_mean, self.log_sigma_std) if self.timestep_sampling == "lognormal" else None
+
     def sampling_options(self) -> SamplingOptions:
         """How training's sample grids and evaluations sample (OutOfRange for a value the declaration refuses)."""
         return SamplingOptions(**{name: getattr(self, key) for name, key in SAMPLING_KEYS.items()})
@@ -120,8 +128,9 @@ class TrainConfig:
         for name in NON_NEGATIVE_KEYS:
             if not getattr(values, name) >= 0:  # also refuses NaN
                 raise UserError(f"--{name} must be >= 0, got {getattr(values, name)}")
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("learning_rate", "log_sigma_std"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("cond_drop_prob", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
