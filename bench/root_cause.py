@@ -1,6 +1,6 @@
 """Where the digits' boldness, width and specks come from: one factor at a time. A benchmark, not a test.
 
-    python -m bench.root_cause --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt
+    python -m bench.root_cause --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0002.pt
     python -m bench.root_cause --checkpoint A.pt --models outputs/p1/checkpoints/checkpoint_epoch_0004.pt \\
         outputs/cpu/checkpoints/checkpoint_epoch_0001.pt --per_digit 50
 

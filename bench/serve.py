@@ -2,7 +2,7 @@
 concurrent clients, against a real ``python serve.py`` process on a free port. A benchmark, not a test.
 
     python -m bench.serve                                   # the shipped model, 20 steps of 8 digits
-    python -m bench.serve --clients 4 --requests 5 --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt
+    python -m bench.serve --clients 4 --requests 5 --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0002.pt
 
 Each request is timed from just before it is sent: to its first ``frame`` event (the first step's
 image, what the page draws first) and to its ``done`` event (the finished grid). One untimed request

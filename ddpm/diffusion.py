@@ -86,25 +86,34 @@ class GaussianDiffusion:
         return self._at(ab.sqrt(), t, x_t) * output + self._at((1 - ab).sqrt(), t, x_t) * x_t
 
     def sample_timesteps(
-        self, batch: int, generator: torch.Generator, device: torch.device, log_sigma: tuple[float, float] | None = None
+        self,
+        batch: int,
+        generator: torch.Generator,
+        device: torch.device,
+        log_sigma: tuple[float, float] | None = None,
+        uniform_share: float = 0.0,
     ) -> torch.Tensor:
         """Training timesteps: uniform over 0..T-1 (DDPM, Algorithm 1) when ``log_sigma`` is None; else the
         discrete step nearest, in ln sigma, to a noise level drawn as ln sigma ~ N(mean, std^2) with
-        ``log_sigma = (mean, std)``, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t). EDM draws its levels so
+        ``log_sigma = (mean, std)``, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), except that a share
+        ``uniform_share`` of the images, chosen at random, keep a uniform step. EDM draws its levels so
         (Karras et al. 2022, section 5 and Table 1: P_mean = -1.2, P_std = 1.2).
 
         Uniform steps of the cosine schedule put ln sigma at mean 0 with std pi/2 (a hyperbolic-secant
-        law); a narrower law spends the steps where the loss can still fall.
+        law); a narrower law spends the steps where the loss can still fall, and the uniform share keeps
+        the far tails (the last denoising steps) trained.
         """
+        uniform = torch.randint(self.num_train_timesteps, (batch,), device=device, generator=generator)
         if log_sigma is None:
-            return torch.randint(self.num_train_timesteps, (batch,), device=device, generator=generator)
+            return uniform
         mean, std = log_sigma
         drawn = mean + std * torch.randn(batch, device=device, generator=generator, dtype=torch.float64)
         ab = self.alphas_cumprod.to(device)
         table = 0.5 * torch.log((1 - ab) / ab)  # ln sigma_t, increasing in t
         above = torch.searchsorted(table, drawn).clamp(1, self.num_train_timesteps - 1)
         nearer_below = (drawn - table[above - 1]) < (table[above] - drawn)
-        return above - nearer_below.long()
+        keep_uniform = torch.rand(batch, device=device, generator=generator) < uniform_share
+        return torch.where(keep_uniform, uniform, above - nearer_below.long())
 
     def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network is regressed onto: eps, or v = sqrt(ab) eps - sqrt(1 - ab) x0."""

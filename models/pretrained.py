@@ -4,12 +4,12 @@
 float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
 writer); ``NAME.json`` beside it says how it was made: the command, the commit, the config, its sha256
 and what evaluate.py scored. ``mnist`` (the seed's recipe) is the model the commands load when none is
-named (``models.checkpoint.SHIPPED``); ``guide`` guides it on request (autoguidance: the quick-start
-recipe's epoch-1 checkpoint); ``cpu`` is the README's quick start, the record of what ``make demo``
-reproduces.
+named (``models.checkpoint.SHIPPED``); ``guide`` guides it on request (autoguidance: the epoch-1
+checkpoint of the quick-start recipe as it was before it drew log-normal noise levels); ``cpu`` is the
+README's quick start, the record of what ``make demo`` reproduces.
 
-    python -m models.pretrained --name cpu --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0004.pt \\
-        --evaluation outputs/cpu/checkpoints/checkpoint_epoch_0004_eval_..._seed0.json
+    python -m models.pretrained --name cpu --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0002.pt \\
+        --evaluation outputs/cpu/checkpoints/checkpoint_epoch_0002_eval_..._seed0.json
 
 re-makes both files from a trained checkpoint and its evaluation (whoever changes a recipe re-runs it).
 """
@@ -34,7 +34,10 @@ RECIPES = {
     "mnist": "python train.py --config configs/mnist.yaml",  # the seed's recipe: the model the commands load
     "cpu": "python train.py --config configs/cpu.yaml",  # the README's quick start (make demo)
     # a bad version of the same data, small and briefly trained, for autoguidance (Karras et al. 2024)
-    "guide": "python train.py --config configs/cpu.yaml, its checkpoint of epoch 1",
+    "guide": (
+        "python train.py --config configs/cpu.yaml --num_epochs 4 --timestep_sampling uniform, "
+        "its checkpoint of epoch 1"
+    ),
 }
 GUIDES = ("guide",)  # recipes whose model only guides another: shipped without scores of its own
 EVALUATION_KEYS = ("sampler", "steps", "guidance_scales", "guide_checkpoint", "seed", "bf16", "device")

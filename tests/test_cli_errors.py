@@ -88,6 +88,9 @@ CASES = [
         r"--learning_rate must be > 0, got -0\.001",
     ),
     Case("train-zero-noise-spread", "train.py", ("--log_sigma_std", "0"), r"--log_sigma_std must be > 0, got 0\.0"),
+    Case(
+        "train-uniform-share-over-one", "train.py", ("--uniform_share", "1.5"), r"--uniform_share must be in \[0, 1\]"
+    ),
     Case("train-zero-batch-size", "train.py", ("--batch_size", "0"), r"--batch_size must be at least 1, got 0"),
     Case("train-nan-grad-clip", "train.py", ("--grad_clip", "nan"), r"--grad_clip must be >= 0, got nan"),
     Case(

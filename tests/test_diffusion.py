@@ -224,18 +224,26 @@ def test_autoguidance_guides_with_the_worse_network_on_the_same_prompt():
     assert guide_calls == [3] and calls == [3, 3]  # the model once, the guide (which wraps it) once
 
 
-def test_lognormal_timesteps_are_the_nearest_steps_to_edm_noise_levels(diffusion):
+def test_lognormal_timesteps_are_the_nearest_steps_to_the_drawn_noise_levels(diffusion):
     """Karras et al. 2022: ln sigma ~ N(-1.2, 1.2^2); each drawn step is the one whose closed-form ln sigma_t
-    (sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t, eq. 17's alpha_bar) is nearest to the drawn level."""
-    gen = torch.Generator().manual_seed(0)
-    t = diffusion.sample_timesteps(20_000, gen, torch.device("cpu"), (-1.2, 1.2))
-    levels = torch.Generator().manual_seed(0)
-    drawn = (-1.2 + 1.2 * torch.randn(20_000, generator=levels, dtype=torch.float64)).numpy()
+    (sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t, eq. 17's alpha_bar) is nearest to the drawn level, except
+    for the uniform share, which keeps the uniform step drawn first."""
+    n = 20_000
+    t = diffusion.sample_timesteps(n, torch.Generator().manual_seed(0), torch.device("cpu"), (-1.2, 1.2), 0.25)
+    same = torch.Generator().manual_seed(0)  # the same draws, in the same order
+    uniform = torch.randint(T, (n,), generator=same).numpy()
+    drawn = (-1.2 + 1.2 * torch.randn(n, generator=same, dtype=torch.float64)).numpy()
+    keep_uniform = (torch.rand(n, generator=same) < 0.25).numpy()
     alpha_bar = f(np.arange(T) + 1) / f(0)
     log_sigma = 0.5 * np.log((1 - alpha_bar) / alpha_bar)
     nearest = np.abs(log_sigma[None, :-1] - drawn[:, None]).argmin(axis=1)  # the clipped last step never wins
-    np.testing.assert_array_equal(t.numpy(), nearest)
-    assert log_sigma[t.numpy()].mean() == pytest.approx(-1.2, abs=0.03)
-    assert log_sigma[t.numpy()].std() == pytest.approx(1.2, abs=0.03)
-    uniform = diffusion.sample_timesteps(20_000, gen, torch.device("cpu"))
-    assert uniform.min() >= 0 and uniform.max() == T - 1 and abs(uniform.float().mean() - (T - 1) / 2) < 10
+    np.testing.assert_array_equal(t.numpy(), np.where(keep_uniform, uniform, nearest))
+    assert keep_uniform.mean() == pytest.approx(0.25, abs=0.01)
+    levels = log_sigma[t.numpy()[~keep_uniform]]
+    assert levels.mean() == pytest.approx(-1.2, abs=0.03) and levels.std() == pytest.approx(1.2, abs=0.03)
+
+
+def test_uniform_timesteps_are_drawn_as_before(diffusion):
+    """No law given: one randint over 0..T-1, the same draws as DDPM's training (and older checkpoints' resume)."""
+    t = diffusion.sample_timesteps(1000, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(t, torch.randint(T, (1000,), generator=torch.Generator().manual_seed(3)))

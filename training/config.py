@@ -62,6 +62,7 @@ class TrainConfig:
     timestep_sampling: str = field(default="uniform", metadata={"choices": TIMESTEP_SAMPLINGS})  # ddpm/diffusion.py
     log_sigma_mean: float = -1.2  # EDM's P_mean (Karras et al. 2022)
     log_sigma_std: float = 1.2  # EDM's P_std
+    uniform_share: float = 0.0  # lognormal: the share of images that keep a uniform timestep
     min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023; ddpm/diffusion.py), e.g. 5
     captions: str = field(default="free-text-2", metadata={"choices": tuple(VOCABULARIES)})  # see data/captions.py
     # optimisation
@@ -112,9 +113,11 @@ class TrainConfig:
             flat[key] = list(value) if isinstance(value, tuple) else value
         return flat
 
-    def log_sigma(self) -> tuple[float, float] | None:
+    def noise_levels(self) -> dict[str, Any]:
         """The law of the training noise levels, as GaussianDiffusion.sample_timesteps takes it."""
-        return (self.log_sigma_mean, self.log_sigma_std) if self.timestep_sampling == "lognormal" else None
+        if self.timestep_sampling == "uniform":
+            return {}
+        return {"log_sigma": (self.log_sigma_mean, self.log_sigma_std), "uniform_share": self.uniform_share}
 
     def sampling_options(self) -> SamplingOptions:
         """How training's sample grids and evaluations sample (OutOfRange for a value the declaration refuses)."""
@@ -131,6 +134,8 @@ class TrainConfig:
         for name in ("learning_rate", "log_sigma_std"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.uniform_share <= 1:
+            raise UserError(f"--uniform_share must be in [0, 1], got {self.uniform_share}")
         for name in ("cond_drop_prob", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")

@@ -85,7 +85,7 @@ class Trainer:
         caption = data.draw_captions(batch, gen)
         drop = torch.rand(b, device=device, generator=gen) < cfg.cond_drop_prob
         context = data.prompt_table[torch.where(drop, 0, caption)]
-        t = self.diffusion.sample_timesteps(b, gen, device, cfg.log_sigma())
+        t = self.diffusion.sample_timesteps(b, gen, device, **cfg.noise_levels())
         noise = torch.randn(x0.shape, device=device, generator=gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.forward(self.diffusion.q_sample(x0, t, noise), t, context)
