@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.captions import EMPTY_PROMPT, Vocabulary, plan_prompts
+from data.captions import EMPTY_PROMPT, Vocabulary, canonical_prompt, plan_prompts
 from data.images import save_grid
 from data.mnist import load_mnist, mnist_cache_dir
 from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions
@@ -177,6 +177,7 @@ def build_report(
         "results": results,
         "wall_seconds": seconds,
         "train_config": model.saved.config,
+        "distillation": model.distillation,
     }
 
 
@@ -215,11 +216,12 @@ def evaluate_scale(pipe: Text2Digit, options: SamplingOptions, plan, references,
     result, picture = {"guidance_scale": options.guidance_scale, **score(images, plan, judge, reference)}, None
     sample = style_sampler(pipe, options, args)
     if styles is not None:
-        result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples)
+        negatives = pipe.model.distillation is None  # a distilled model takes no negative prompt
+        result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples, negatives)
         result["styles"]["summary"] = summary(result["styles"])  # what models/pretrained.py records
         picture = style_picture(sample, styles.vocabulary)
     if args.prompt_samples:
-        benchmark = evaluate_prompts(sample, judge, args.prompt_samples, refusal(pipe, args))
+        benchmark = evaluate_prompts(sample, judge, args.prompt_samples, refusal(pipe, options, args))
         result["prompts"] = {**benchmark, "summary": prompt_summary(benchmark)}
     result["seconds"] = time.perf_counter() - t0
     print(result_tables(result), flush=True)
@@ -230,12 +232,12 @@ def evaluate_scale(pipe: Text2Digit, options: SamplingOptions, plan, references,
     return result, picture
 
 
-def refusal(pipe: Text2Digit, args) -> Callable[[str], str | None]:
-    """The pipeline's one-line answer to a prompt it will not draw, or None when it draws it."""
+def refusal(pipe: Text2Digit, options: SamplingOptions, args) -> Callable[[str], str | None]:
+    """The pipeline's one-line answer to a prompt it will not draw with ``options``, or None when it draws it."""
 
     def answer(prompt: str) -> str | None:
         try:
-            pipe.check(Request((prompt,), unknown_words=args.unknown_words))
+            pipe.check(Request((prompt,), options=options, unknown_words=args.unknown_words))
         except InvalidRequest as err:
             return str(err)
         return None
@@ -262,8 +264,9 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     """Sample, score and report ``path``'s model at every guidance scale asked for."""
     pipe = Text2Digit.from_checkpoint(path, str(device), args.precision, guide=args.guide_checkpoint)
     model = pipe.model
-    with refused_as(flag):
-        args.options[0].check_model(model.diffusion.num_train_timesteps)
+    with refused_as(flag):  # what only the model can tell (its timesteps; a distilled one's step counts)
+        pipe.check(Request((canonical_prompt(7),), options=args.options[0]))
+    args.sampler = pipe.sampled_with(args.options[0]).sampler  # a distilled model samples its own way
     record = judge_record()  # read now: a missing record fails before sampling, not after
     judge, reference = judge_and_reference(args.data_dir, device)
     vocabulary = model.vocabulary  # the captions the model was trained on

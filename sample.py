@@ -135,9 +135,11 @@ def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> No
         )
     if recorder:
         recorder.save_gif(flat, args.prompts, gif)
+    used = pipe.sampled_with(args.request.options)
+    model = "distilled" if pipe.model.distillation else f"epoch {pipe.model.epoch}"
     print(
-        f"{len(flat)} images from {path} (epoch {pipe.model.epoch}) with {args.sampler}, {args.steps} steps "
-        f"({args.spacing}), guidance {args.guidance_scale}, threshold {args.threshold}, "
+        f"{len(flat)} images from {path} ({model}) with {used.sampler}, {used.steps} steps "
+        f"({used.spacing}), guidance {args.guidance_scale}, threshold {used.threshold}, "
         f"{'bf16' if pipe.bf16 else 'fp32'} on {device}, in {elapsed:.1f} s",
         file=sys.stderr,
     )

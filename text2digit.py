@@ -31,6 +31,7 @@ from data.prompts import Reader, named
 from data.shapes import IMAGE_SHAPE
 from data.tokens import CONTEXT_LENGTH, truncated_prompt
 from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions, generate
+from ddpm.distillation import as_sampler_net, ignored_by_student, student_options
 from ddpm.options import InvalidRequest, OutOfRange, check, front_name, option
 from models.checkpoint import SHIPPED
 from models.loading import TrainedModel, load_trained_model
@@ -259,7 +260,37 @@ class Text2Digit:
 
     def check(self, request: Request, max_images: int = MAX_IMAGES) -> list[str]:
         """Validate ``request`` for this model (InvalidRequest otherwise); the warnings to show."""
-        return request.validate(self.model.diffusion.num_train_timesteps, max_images, self.reader(request))
+        warnings = request.validate(self.model.diffusion.num_train_timesteps, max_images, self.reader(request))
+        return warnings + (self._check_student(request) if self.model.distillation else [])
+
+    def sampled_with(self, options: SamplingOptions) -> SamplingOptions:
+        """What the samplers are given for ``options``: the options themselves, or a distilled student's own
+        (ddpm/distillation.py: DDIM on its grid, the guidance scale its input and not the samplers')."""
+        return student_options(options) if self.model.distillation else options
+
+    def _check_student(self, request: Request) -> list[str]:
+        """What a distilled student cannot take (InvalidRequest), and the options it overrides (warnings)."""
+        record, options = self.model.distillation, request.options
+        counts = record["student_steps"]
+        if options.steps not in counts:
+            raise OutOfRange(
+                "steps",
+                "{steps} must be one of {counts} for the distilled model {path}, got {value}",
+                counts=", ".join(map(str, counts)), path=self.model.path, value=options.steps,
+            )  # fmt: skip
+        if request.negative_prompt != EMPTY_PROMPT or self.guide is not None:
+            raise InvalidRequest(
+                "negative_prompt",
+                "the distilled model {path} folds guidance in and takes no {negative_prompt} nor a guide checkpoint; "
+                "sample its teacher {teacher} for those",
+                path=self.model.path, teacher=record["teacher"],
+            )  # fmt: skip
+        low, high = record["guidance_low"], record["guidance_high"]
+        ignored = ignored_by_student(options)
+        warnings = [f"the distilled model samples its own way: {', '.join(ignored)} ignored"] if ignored else []
+        if not low <= options.guidance_scale <= high:
+            warnings.append(f"guidance scale {options.guidance_scale:g} is outside the [{low:g}, {high:g}] distilled")
+        return warnings
 
     def reader(self, request: Request) -> Reader:
         """What the text encoder is given for the request's prompts (data/prompts.py)."""
@@ -286,12 +317,15 @@ class Text2Digit:
         if request.shared_noise:
             indices = np.tile(np.arange(request.num_samples), len(request.prompts))
         on_step = None if callback is None else lambda i, t, x_t, x0: callback(i, t, to_uint8(x_t), to_uint8(x0))
+        net = self.model.net
+        if self.model.distillation:  # the scale is the student's input
+            net = as_sampler_net(net, self.model.diffusion, request.options.steps, request.options.guidance_scale)
         images = generate(
-            self.model.net,
+            net,
             self.model.diffusion,
             cond,
             tokens[-1:],
-            request.options,
+            self.sampled_with(request.options),
             image_shape=IMAGE_SHAPE,
             seed=request.seed,
             batch_size=batch_size,

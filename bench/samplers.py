@@ -4,17 +4,22 @@ judge's conditional accuracy when a trained checkpoint is given. A benchmark, no
     python -m bench.samplers                                   # a fresh default UNet: timing only
     python -m bench.samplers --checkpoint outputs/mnist/checkpoints/checkpoint_epoch_0005.pt
     python -m bench.samplers --samplers ddim,dpmpp_2m --steps 10,20 --num_images 20 --threads 1
+    python -m bench.samplers --checkpoint models/pretrained/mnist.pt --samplers dpmpp_2m_sde --steps 20 \
+        --student models/pretrained/fast.pt                    # the teacher at its defaults, then its student
 
 Without --checkpoint the network is a freshly initialised UNet of the default config with random
 prompt tokens: every step costs what a trained one costs, so the times hold, but there is no
 accuracy. With one, the prompts are the training wordings, num_images / 10 per digit. Every run
 uses the same seeds, so samplers are compared on the same starting noise. One warm-up call first.
+``--student`` adds a distilled student's rows (distill.py) at each of its step counts, on the same
+prompts and noise, guidance folded in: one network call per step.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +37,7 @@ from ddpm import (
     generate,
     prompt_contexts,
 )
+from ddpm.distillation import as_sampler_net, student_options
 from ddpm.options import add_flags
 from evaluation.judge import judge_images, load_judge
 from evaluation.metrics import conditional_accuracy
@@ -66,6 +72,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--device", default="cpu", help="cpu (the benchmark's setting) or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
+    p.add_argument("--student", type=Path, help="a distilled checkpoint (distill.py): its rows after the others")
     add_flags(p, SamplingOptions, only=("guidance_interval",))
     args = p.parse_args(argv)
     args.samplers = comma_list(args.samplers, str, "--samplers")
@@ -142,16 +149,34 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|", flush=True)
     for name in args.samplers:
         for steps in args.steps:
-            start = time.perf_counter()
-            images = to_uint8(
-                generate(net, diffusion, cond, uncond, options.replace(sampler=name, steps=steps), **common)
-            )
-            seconds = time.perf_counter() - start  # to_uint8 copies to the CPU, so a GPU has finished
-            accuracy = "–" if judge is None else f"{conditional_accuracy(judge_images(judge, images)[0], digits):.1%}"
-            print(
-                f"| {name} | {steps} | {seconds * 100 / len(images):.1f} | {len(images) / seconds:.1f} | {accuracy} |",
-                flush=True,
-            )
+            run = partial(generate, net, diffusion, cond, uncond, options.replace(sampler=name, steps=steps), **common)
+            print(_row(name, steps, run, judge, digits), flush=True)
+    if args.student:
+        student_rows(args, device, options, (cond, uncond), common, judge, digits)
+
+
+def student_rows(args, device: torch.device, options: SamplingOptions, contexts, common: dict, judge, digits) -> None:
+    """The distilled student's rows, one per step count it samples in, after a warm-up call of its own."""
+    student = load_trained_model(args.student, device)
+    cond, uncond = contexts
+    counts = student.distillation["student_steps"]
+    for i, steps in enumerate([counts[0], *counts]):
+        fast = as_sampler_net(student.net, student.diffusion, steps, args.guidance_scale)
+        used = student_options(options.replace(steps=steps))
+        if i == 0:  # the warm-up
+            generate(fast, student.diffusion, cond[:2], uncond, used, **common)
+            continue
+        run = partial(generate, fast, student.diffusion, cond, uncond, used, **common)
+        print(_row(f"distilled ({args.student.name})", steps, run, judge, digits), flush=True)
+
+
+def _row(name: str, steps: int, run, judge, digits) -> str:
+    """One table row: ``run()``'s images timed, and judged when there is a judge."""
+    start = time.perf_counter()
+    images = to_uint8(run())
+    seconds = time.perf_counter() - start  # to_uint8 copies to the CPU, so a GPU has finished
+    accuracy = "–" if judge is None else f"{conditional_accuracy(judge_images(judge, images)[0], digits):.1%}"
+    return f"| {name} | {steps} | {seconds * 100 / len(images):.2f} | {len(images) / seconds:.1f} | {accuracy} |"
 
 
 if __name__ == "__main__":

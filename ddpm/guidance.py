@@ -40,7 +40,7 @@ def classifier_free_guidance(
     diffusion: GaussianDiffusion,
     cond: torch.Tensor,
     uncond: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     interval: tuple[float, float] | None = None,
     rescale: float = 0.0,
     parallel: float = 1.0,
@@ -50,7 +50,8 @@ def classifier_free_guidance(
 
     ``net(x, t, context)`` returns the network output of ``diffusion.prediction`` type;
     ``cond`` is [B, L, D] and ``uncond`` [B, L, D] or [1, L, D] (the empty or negative prompt).
-    ``scale`` = 1 is plain conditional sampling (one forward pass, no unconditional half).
+    ``scale`` = 1 is plain conditional sampling (one forward pass, no unconditional half); a tensor
+    [B, 1, 1, 1] gives each image its own scale (distill.py's teacher).
     ``interval`` (sigma_lo, sigma_hi) limits guidance to those noise levels; ``rescale`` is phi above;
     ``parallel`` is APG's eta; ``guide`` a worse network for autoguidance, given ``cond`` (``uncond``
     unused).
@@ -60,7 +61,7 @@ def classifier_free_guidance(
     def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return diffusion.to_eps(x, t, net(x, t, cond))
 
-    if scale == 1.0:
+    if not torch.is_tensor(scale) and scale == 1.0:
         return conditional
     context = torch.cat([cond, uncond.expand_as(cond)])
 

@@ -71,9 +71,11 @@ class StyleReference:
         return float(np.nanmedian(column[self.in_bin(real, digit, attribute, value)]) - np.nanmedian(column))
 
 
-def evaluate_styles(sample: SampleFn, reference: StyleReference, judge: Judge, per_prompt: int) -> dict:
-    """Sample and measure every prompt of the reference's vocabulary's ``style_plan`` and the negative
-    prompts; the report's numbers."""
+def evaluate_styles(
+    sample: SampleFn, reference: StyleReference, judge: Judge, per_prompt: int, negatives: bool = True
+) -> dict:
+    """Sample and measure every prompt of the reference's vocabulary's ``style_plan`` and, with ``negatives``
+    (a model that takes negative prompts: not a distilled one), the negative prompts; the report's numbers."""
     plan = style_plan(reference.vocabulary)
     images = sample([p.prompt for p in plan], per_prompt, "")
     measures = measure_digits(images.reshape(-1, *images.shape[2:])).reshape(len(plan), per_prompt, -1)
@@ -85,7 +87,7 @@ def evaluate_styles(sample: SampleFn, reference: StyleReference, judge: Judge, p
         "per_prompt": per_prompt,
         "plain_digit_accuracy": float(np.mean([correct[i] for i, p in enumerate(plan) if p.attribute is None])),
         "pairs": [pair for pair in pairs if pair["word"] is not None],
-        "negative": negative_prompts(sample, plain, per_prompt, reference.vocabulary),
+        "negative": negative_prompts(sample, plain, per_prompt, reference.vocabulary) if negatives else [],
     }
 
 

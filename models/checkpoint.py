@@ -9,7 +9,9 @@ A checkpoint is a ``torch.save`` zip of tensors and plain data (read with ``weig
   the UNet's layout and the diffusion from it), ``ema`` (the EMA weights), ``text_encoder`` (the
   text encoder's record), ``vocabulary`` (the caption vocabulary's name and fingerprint) and ``epoch``;
 - what resuming reads besides (``training.state.RESUME_KEYS``): the model, optimizer, schedule,
-  random states and the position in the data order.
+  random states and the position in the data order;
+- a distilled student's (distill.py) ``distillation``: how it was made, its teacher and the teacher's
+  sha256, the step counts it samples in (sampling reads it too).
 
 ``<output_dir>/checkpoints/`` holds
 
@@ -145,7 +147,8 @@ def config_section(kind: type[Section], config: Mapping[str, Any]) -> Section:
 class SavedModel:
     """What sampling reads from a checkpoint: the UNet's layout, the diffusion, the caption vocabulary,
     the text encoder's record, the EMA weights and the epoch; ``config`` is the flat training config it
-    recorded, kept for provenance (evaluate.py's report)."""
+    recorded, kept for provenance (evaluate.py's report); ``distillation``, for a distilled student
+    (distill.py), how it was distilled: its teacher and sha256, its step counts, its sampler."""
 
     unet: UNetConfig
     diffusion: DiffusionConfig
@@ -154,6 +157,7 @@ class SavedModel:
     ema_weights: dict[str, torch.Tensor]
     epoch: int
     config: dict[str, Any]
+    distillation: dict[str, Any] | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> SavedModel:
@@ -167,6 +171,7 @@ class SavedModel:
             payload["ema"]["weights"],
             payload["epoch"],
             config,
+            payload.get("distillation"),
         )
 
 

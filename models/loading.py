@@ -39,6 +39,11 @@ class TrainedModel:
         return self.saved.epoch
 
     @property
+    def distillation(self) -> dict | None:
+        """How a distilled student was made (distill.py); None for a diffusion model."""
+        return self.saved.distillation
+
+    @property
     def vocabulary(self) -> Vocabulary:
         """The caption vocabulary it was trained on (checked against its fingerprint when loaded)."""
         return vocabulary_named(self.saved.vocabulary.name)

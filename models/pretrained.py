@@ -4,7 +4,8 @@
 float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
 writer); ``NAME.json`` beside it says how it was made: the command, the commit, the config, its sha256
 and what evaluate.py scored. ``mnist`` (the seed's recipe) is the model the commands load when none is
-named (``models.checkpoint.SHIPPED``); ``guide`` guides it on request (autoguidance: the epoch-1
+named (``models.checkpoint.SHIPPED``); ``fast`` is it distilled into a few-step student (distill.py);
+``guide`` guides it on request (autoguidance: the epoch-1
 checkpoint of the quick-start recipe as it was before it drew log-normal noise levels); ``cpu`` is the
 README's quick start, the record of what ``make demo`` reproduces.
 
@@ -33,6 +34,8 @@ from runtime.flags import CliParser
 RECIPES = {
     "mnist": "python train.py --config configs/mnist.yaml",  # the seed's recipe: the model the commands load
     "cpu": "python train.py --config configs/cpu.yaml",  # the README's quick start (make demo)
+    # the shipped model distilled into a cpu.pt-sized student that samples in 1, 2 or 4 steps (distill.py)
+    "fast": "python distill.py",
     # a bad version of the same data, small and briefly trained, for autoguidance (Karras et al. 2024)
     "guide": (
         "python train.py --config configs/cpu.yaml --num_epochs 4 --timestep_sampling uniform, "
@@ -50,7 +53,8 @@ def ship(checkpoint: Path, evaluation: Path | None, name: str, folder: Path = PR
     payload = load_checkpoint(checkpoint)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in payload["ema"]["weights"].items()}
     ema = {"weights": weights, "updates": payload["ema"]["updates"]}
-    save_checkpoint({**{key: payload[key] for key in SAMPLING_KEYS}, "ema": ema}, out)
+    kept = [*SAMPLING_KEYS, *(["distillation"] if "distillation" in payload else [])]  # a student's record too
+    save_checkpoint({**{key: payload[key] for key in kept}, "ema": ema}, out)
     scores = json.loads(evaluation.read_text()) if evaluation else {"results": []}
     record = {
         "weights": out.name,
@@ -65,6 +69,7 @@ def ship(checkpoint: Path, evaluation: Path | None, name: str, folder: Path = PR
         "text_encoder": payload["text_encoder"],
         "vocabulary": payload["vocabulary"],
         "versions": {"torch": torch.__version__},
+        "distillation": payload.get("distillation"),
         "evaluation": {key: scores[key] for key in EVALUATION_KEYS if key in scores} or None,
         "scores": [_scores(result) for result in scores["results"]],
     }

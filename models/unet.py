@@ -32,7 +32,8 @@ from data.shapes import IMAGE_SHAPE, TEXT_DIM
 @dataclass(frozen=True)
 class UNetConfig:
     """The UNet's layout. Every field is also a training config key and flag (``--widths 32 64 64``),
-    except the two fixed by the data and the text encoder (``fixed``): they are never configured."""
+    except the two fixed by the data and the text encoder (``fixed``), never configured, and
+    ``distilled``, which only distill.py sets (``distill_only``)."""
 
     widths: tuple[int, ...] = (32, 64, 64)
     attention: tuple[bool, ...] = (False, True, True)  # a transformer block after each block of that level
@@ -43,6 +44,8 @@ class UNetConfig:
     ff_mult: int = 2  # the transformer feed-forward's hidden width, in multiples of the block's width
     extra_up_block: bool = False  # up path: layers_per_block + 1 blocks per level (improved-diffusion's layout)
     patch_size: int = 1  # > 1: the UNet works on p x p pixel patches folded into channels (pixel unshuffle)
+    # a distilled student's two more inputs, the guidance scale and the timestep its step lands on (distill.py)
+    distilled: bool = field(default=False, metadata={"distill_only": True})
     in_channels: int = field(default=IMAGE_SHAPE[0], metadata={"fixed": True})
     context_dim: int = field(default=TEXT_DIM, metadata={"fixed": True})
 
@@ -187,6 +190,10 @@ class UNet(nn.Module):
         self.cfg = cfg
         w0, emb_dim = cfg.widths[0], 4 * cfg.widths[0]
         self.time_mlp = nn.Sequential(nn.Linear(w0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.distilled:  # zero-initialised, so a student starts as the model it is initialised from
+            self.jump_mlp = nn.Sequential(nn.Linear(2 * w0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.jump_mlp[2].weight)
+            nn.init.zeros_(self.jump_mlp[2].bias)
         self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, w0, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -224,8 +231,23 @@ class UNet(nn.Module):
     def up_blocks_per_level(self) -> int:
         return self.cfg.layers_per_block + self.cfg.extra_up_block
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        lands_on: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``guidance`` [B] (the guidance scale) and ``lands_on`` [B] (the timestep the sampler's step from
+        t lands on, -1 for clean data) are a distilled student's inputs, required then and refused otherwise."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.widths[0]))
+        if self.cfg.distilled != (guidance is not None and lands_on is not None):
+            raise ValueError("a distilled UNet takes guidance and lands_on, and only a distilled UNet does")
+        if self.cfg.distilled:
+            w0 = self.cfg.widths[0]  # the scale in hundredths, so that its sinusoids resolve 1 from 1.5
+            jump = torch.cat([timestep_embedding(100 * guidance, w0), timestep_embedding(lands_on + 1, w0)], dim=1)
+            emb = emb + self.jump_mlp(jump)
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
         extra = self.cfg.extra_up_block  # the extra up blocks take conv_in's and the downsamplers' outputs
         skips = [h] if extra else []

@@ -194,7 +194,9 @@ def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
     for f in dataclasses.fields(TrainConfig):
         if f.name in SECTIONS:
             keys.update(
-                (g.name, (f.name, g)) for g in dataclasses.fields(SECTIONS[f.name]) if not g.metadata.get("fixed")
+                (g.name, (f.name, g))
+                for g in dataclasses.fields(SECTIONS[f.name])
+                if not (g.metadata.get("fixed") or g.metadata.get("distill_only"))
             )
         else:
             keys[f.name] = (None, f)
