@@ -37,7 +37,7 @@ from evaluation.reference import RealReference
 from evaluation.report import plot_sweep, result_tables, sweep_table
 from evaluation.styles import SampleFn, StyleReference, evaluate_styles, style_picture_rows, style_tables, summary
 from evaluation.suite import judge_and_reference, score
-from models.checkpoint import DEFAULT_OUTPUT_DIR, SHIPPED, add_model_flags, find_model
+from models.checkpoint import DEFAULT_OUTPUT_DIR, PRETRAINED_DIR, add_model_flags, find_model
 from models.loading import TrainedModel
 from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
@@ -256,8 +256,8 @@ def main() -> None:
 
 
 def results_dir(checkpoint: Path) -> Path:
-    """Beside the checkpoint; the shipped model's results go to outputs/pretrained/, not into the repository."""
-    return SHIPPED_RESULTS if checkpoint.resolve() == SHIPPED else checkpoint.parent
+    """Beside the checkpoint; the shipped models' results go to outputs/pretrained/, not into the repository."""
+    return SHIPPED_RESULTS if checkpoint.resolve().parent == PRETRAINED_DIR else checkpoint.parent
 
 
 def evaluate(args, path: Path, device: torch.device, start: float) -> None:

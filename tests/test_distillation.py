@@ -37,7 +37,9 @@ from ddpm.distillation import (
     teacher_trajectory,
 )
 from ddpm.samplers import sample_ddim, sample_dpmpp_2m
-from models.checkpoint import SavedModel, load_checkpoint
+from evaluation.judge import judge_images, load_judge
+from models.checkpoint import PRETRAINED_DIR, SavedModel, load_checkpoint
+from models.pretrained import ship
 from models.unet import UNet, UNetConfig
 from tests.helpers import PROCESS_ENV, ROOT, finish, run_in_process, state_bytes, wait_for
 from text2digit import Text2Digit, make_request
@@ -312,3 +314,19 @@ def test_a_bad_distillation_is_refused_in_one_line_and_leaves_nothing(flags, mes
     status, stderr = run_in_process("distill.py", ["--output_dir", str(out), *flags], {}, ROOT)
     assert status == 2 and stderr.count("\n") == 1 and message in stderr, stderr
     assert not out.exists()
+
+
+def test_a_shipped_student_keeps_its_record_and_samples_like_the_checkpoint(student, tmp_path):
+    record = ship(student, None, "fast", folder=tmp_path)
+    assert record["command"] == "python distill.py" and record["distillation"]["sampler"] == "ddim"
+    shipped = Text2Digit.from_checkpoint(tmp_path / "fast.pt", "cpu")
+    assert shipped.model.distillation == record["distillation"]
+    assert shipped("7", steps=2, num_samples=2).shape == (1, 2, 28, 28)
+
+
+def test_the_shipped_student_draws_the_prompted_digits_in_one_two_and_four_passes():
+    pipe = Text2Digit.from_checkpoint(PRETRAINED_DIR / "fast.pt", "cpu")
+    for steps in (1, 2, 4):
+        images = pipe([str(d) for d in range(10)], num_samples=10, seed=0, steps=steps)
+        logits, _ = judge_images(load_judge(), images.reshape(-1, 28, 28))
+        assert (logits.argmax(1) == np.repeat(np.arange(10), 10)).mean() >= 0.95, steps

@@ -30,7 +30,7 @@ from data.mnist import load_mnist, mnist_cache_dir
 from data.shapes import IMAGE_SHAPE
 from ddpm import DEFAULT_SAMPLING, DiffusionConfig, GaussianDiffusion, classifier_free_guidance, image_generator
 from ddpm.distillation import distillation_loss, stops, student_jumps, teacher_trajectory
-from ddpm.options import check, option
+from ddpm.options import check, option, to_json
 from ddpm.samplers import sample_dpmpp_2m
 from models.checkpoint import PRETRAINED_DIR, ROOT, save_checkpoint, step_checkpoint_path
 from models.ema import EMA
@@ -254,7 +254,7 @@ class StudentTraining:
             "init_sha256": sha256_of(cfg.init),
             "sampler": "ddim",
             "spacing": "trailing",
-            "guidance_interval_of_teacher": list(DEFAULT_SAMPLING.guidance_interval),
+            "guidance_interval_of_teacher": list(to_json(DEFAULT_SAMPLING.guidance_interval)),  # inf as null
         }
         self.config = {
             **init.saved.config,
