@@ -5,11 +5,14 @@
     python serve.py --port 0                          # any free port (the printed line names it)
     python serve.py --steps 10 --sampler ddim         # the page's defaults: every sampling option is a flag
 
-The model is loaded once; requests queue for one worker thread that samples them one at a time, in
+The models are loaded once; requests for either queue for one worker thread that samples them one at a time, in
 order of arrival. The API (the page in web/ is its only client, but any HTTP client will do):
 
 - ``GET /api/config``: the samplers, the defaults of every body field (serve.py's flags set them), the
   limits and the model, as JSON.
+- ``POST /api/sketch``: the same body and events, drawn by the fast model (``--sketch_checkpoint``, a
+  distilled one; the page sends its step count, ``sketch.steps`` of ``/api/config``): the page's grid while
+  the prompt is typed. 404 without a fast model (``--no_sketch``).
 - ``GET /api/status``: the worker's counts: ``pending`` (queued or running), ``served``, ``cancelled``, ``failed``.
 - ``POST /api/generate`` with a JSON object (:class:`Body`: ``prompt`` is required; the other fields are
   the pipeline's request and sampling options, under the names sample.py's flags have) answers with
@@ -56,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ddpm import SAMPLERS, SamplingOptions
 from ddpm.options import OutOfRange, add_flags, declared, field_type, flag_values, from_json, refused_as, to_json
-from models.checkpoint import add_model_flags, find_model
+from models.checkpoint import PRETRAINED_DIR, add_model_flags, find_model
 from runtime.devices import PRECISION_HELP, PRECISIONS
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser
@@ -186,6 +189,7 @@ class Job:
     id: int
     request: Request
     loop: asyncio.AbstractEventLoop
+    pipe: Text2Digit  # the model that draws it: the page's, or the fast one that sketches as you type
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     ahead: int = 0  # jobs queued or running when it was queued
@@ -199,8 +203,8 @@ class Worker:
     """Samples the queued jobs one at a time, in order, on one thread, so that two requests never
     share the model at once and each stream gets only its own frames."""
 
-    def __init__(self, pipe: Text2Digit, threads: int = 0, max_pending: int = MAX_PENDING):
-        self.pipe, self.threads, self.max_pending = pipe, threads, max_pending
+    def __init__(self, threads: int = 0, max_pending: int = MAX_PENDING):
+        self.threads, self.max_pending = threads, max_pending
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.closing = threading.Event()
         self.lock = threading.Lock()
@@ -255,7 +259,7 @@ class Worker:
         job.emit("start", steps=job.request.options.steps, num_samples=job.request.num_samples)
         start = time.perf_counter()
         try:
-            images = self.pipe.generate(job.request, callback=lambda *step: self._step(job, *step))
+            images = job.pipe.generate(job.request, callback=lambda *step: self._step(job, *step))
         except Cancelled:
             return "cancelled"
         except Exception as err:  # this request fails (a bug, memory); the server goes on with the next
@@ -276,7 +280,17 @@ def describe(pipe: Text2Digit) -> str:
     (autoguidance), precision, device."""
     guide = "" if pipe.guide is None else f", guided by {shown_path(pipe.guide.path)}"
     precision = "bf16" if pipe.bf16 else "fp32"
-    return f"{shown_path(pipe.model.path)}, epoch {pipe.model.epoch}{guide}, {precision} on {pipe.device}"
+    made = (
+        f"distilled from {pipe.model.distillation['teacher']}"
+        if pipe.model.distillation
+        else f"epoch {pipe.model.epoch}"
+    )
+    return f"{shown_path(pipe.model.path)}, {made}{guide}, {precision} on {pipe.device}"
+
+
+def sketch_steps(sketch: Text2Digit) -> int:
+    """The most steps a distilled model samples in: the page's sketches use them."""
+    return max(sketch.model.distillation["student_steps"])
 
 
 def shown_path(path: Path) -> Path:
@@ -285,12 +299,13 @@ def shown_path(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
-def page_config(pipe: Text2Digit, body: type[Body], max_pending: int) -> dict:
-    """What the page builds its form from: choices, defaults (every field of the API body but the prompt)
-    and limits."""
+def page_config(pipe: Text2Digit, body: type[Body], max_pending: int, sketch: Text2Digit | None) -> dict:
+    """What the page builds its form from: choices, defaults (every field of the API body but the prompt),
+    limits, and the fast model that sketches as you type (null: none)."""
     defaults = {name: f.default for name, f in body.model_fields.items() if not f.is_required()}
     return {
         "model": describe(pipe),
+        "sketch": None if sketch is None else {"model": describe(sketch), "steps": sketch_steps(sketch)},
         "examples": pipe.model.vocabulary.examples(),  # the page's hint: wordings the model was trained on
         "samplers": list(SAMPLERS),
         "defaults": defaults,
@@ -343,18 +358,40 @@ async def malformed_request(_, err: RequestValidationError) -> JSONResponse:
     return refusal(message + more, name, 422)
 
 
+async def stream(job: Job) -> AsyncIterator[ServerSentEvent]:
+    """A queued job's events, to its last; the job is cancelled however the stream ends (finished, or the
+    client went away)."""
+    try:
+        yield ServerSentEvent(event="queued", data={"job": job.id, "ahead": job.ahead})
+        while (event := await job.events.get()).event not in FINAL_EVENTS:
+            yield event
+        yield event
+    finally:
+        job.cancelled.set()
+
+
+class NoSketch(Exception):
+    """``POST /api/sketch`` to a server started without a fast model."""
+
+
+async def no_sketch(_, err: NoSketch) -> JSONResponse:
+    return refusal("this server has no fast model to sketch with; start it with --sketch_checkpoint", None, 404)
+
+
 def create_app(
     pipe: Text2Digit,
     threads: int = 0,
     defaults: Mapping[str, Any] | None = None,
     max_pending: int = MAX_PENDING,
+    sketch: Text2Digit | None = None,
 ) -> FastAPI:
     """The page and its API around a loaded pipeline; ``threads`` (0: leave torch's setting) for sampling;
     ``defaults`` (by field name) those of the API body and the page's form, where not the declared ones;
-    ``max_pending`` requests queued or running at most."""
-    worker = Worker(pipe, threads, max_pending)
+    ``max_pending`` requests queued or running at most; ``sketch``, a distilled model that draws the grid
+    while the prompt is typed (``POST /api/sketch``)."""
+    worker = Worker(threads, max_pending)
     body = body_model(defaults)
-    config = page_config(pipe, body, max_pending)
+    config = page_config(pipe, body, max_pending, sketch)
     job_ids = itertools.count(1)
 
     @asynccontextmanager
@@ -367,13 +404,23 @@ def create_app(
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, malformed_request)
     app.add_exception_handler(Busy, busy)
+    app.add_exception_handler(NoSketch, no_sketch)
+
+    def enqueue(body: Body, model: Text2Digit) -> Job:
+        job = Job(next(job_ids), body.to_request(model), asyncio.get_running_loop(), model)
+        job.ahead = worker.submit(job)
+        return job
 
     async def queued(body: body) -> Job:  # this app's body: annotations evaluate here
         """The request, checked and queued, as a dependency: it runs, and may refuse (400, 503), before
         the event stream opens."""
-        job = Job(next(job_ids), body.to_request(pipe), asyncio.get_running_loop())
-        job.ahead = worker.submit(job)
-        return job
+        return enqueue(body, pipe)
+
+    async def sketched(body: body) -> Job:
+        """The same for the fast model; 404 (one line of JSON) when the server has none."""
+        if sketch is None:
+            raise NoSketch()
+        return enqueue(body, sketch)
 
     @app.get("/api/config")
     def get_config() -> dict:
@@ -385,13 +432,13 @@ def create_app(
 
     @app.post("/api/generate", response_class=EventSourceResponse)
     async def generate(job: Annotated[Job, Depends(queued)]) -> AsyncIterator[ServerSentEvent]:
-        try:
-            yield ServerSentEvent(event="queued", data={"job": job.id, "ahead": job.ahead})
-            while (event := await job.events.get()).event not in FINAL_EVENTS:
-                yield event
+        async for event in stream(job):
             yield event
-        finally:  # finished, or the client went away (the stream is cancelled): stop the work either way
-            job.cancelled.set()
+
+    @app.post("/api/sketch", response_class=EventSourceResponse)
+    async def sketch_grid(job: Annotated[Job, Depends(sketched)]) -> AsyncIterator[ServerSentEvent]:
+        async for event in stream(job):
+            yield event
 
     app.mount("/", StaticFiles(directory=WEB, html=True), name="page")
     return app
@@ -432,6 +479,14 @@ def build_parser() -> CliParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     add_model_flags(p)
+    p.add_argument(
+        "--sketch_checkpoint",
+        type=Path,
+        default=PRETRAINED_DIR / "fast.pt",
+        help="a distilled model (distill.py) that draws the grid while the prompt is typed (default: the shipped "
+        "one); --no_sketch for none",
+    )
+    p.add_argument("--no_sketch", action="store_true", help="no drawing as you type: only the model's live denoising")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument(
@@ -457,15 +512,28 @@ def parse_args(argv: list[str]):
     return args
 
 
+def load_sketch(args) -> Text2Digit:
+    """The fast model of ``--sketch_checkpoint``; UserError unless it is a distilled one."""
+    sketch = Text2Digit.from_checkpoint(args.sketch_checkpoint, args.device, args.precision)
+    if not sketch.model.distillation:
+        raise UserError(
+            f"--sketch_checkpoint {args.sketch_checkpoint} is not a distilled model; make one with distill.py, "
+            "or pass --no_sketch"
+        )
+    return sketch
+
+
 def main() -> None:
     args = parse_args(sys.argv[1:])
     sock = listening_socket(args.host, args.port)
+    sketch = None if args.no_sketch else load_sketch(args)  # the small model first: refused before the big one
     path = find_model(args.checkpoint, args.output_dir)
     pipe = Text2Digit.from_checkpoint(path, args.device, args.precision, guide=args.guide_checkpoint)
     with refused_as(flag):
         pipe.check(args.example, MAX_DIGITS)
-    app = create_app(pipe, args.threads, args.defaults)
-    print(f"serving text2digit on {url_of(sock)} (model: {describe(pipe)})", flush=True)
+    app = create_app(pipe, args.threads, args.defaults, sketch=sketch)
+    sketching = "" if sketch is None else f"; sketches as you type: {describe(sketch)}"
+    print(f"serving text2digit on {url_of(sock)} (model: {describe(pipe)}{sketching})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -26,6 +26,7 @@ from PIL import Image
 from bench.serve import running_server
 from ddpm import DEFAULT_SAMPLING, SAMPLERS
 from evaluation.judge import judge_images, load_judge
+from models.checkpoint import PRETRAINED_DIR
 from serve import (
     MAX_PENDING,
     MAX_WORK,
@@ -113,6 +114,36 @@ def test_the_page_and_its_settings_are_served(url, pipe):
     assert config["limits"]["ranges"]["seed"] == [0, 2**53 - 1]
     assert config["limits"]["ranges"]["guidance_scale"] == [0, 30]
     assert config["examples"] == pipe.model.vocabulary.examples()  # hints from the model's own vocabulary
+
+
+@pytest.fixture(scope="module")
+def sketch_url(pipe):
+    """The tiny model's page with the shipped fast model sketching as the prompt is typed."""
+    fast = Text2Digit.from_checkpoint(PRETRAINED_DIR / "fast.pt", device="cpu")
+    with serving(create_app(pipe, sketch=fast)) as address:
+        yield address
+
+
+def test_the_fast_model_sketches_a_grid_in_its_own_steps(sketch_url):
+    config = httpx.get(f"{sketch_url}/api/config").json()
+    assert (
+        config["sketch"]["steps"] == 4
+        and "fast.pt, distilled from models/pretrained/mnist.pt" in config["sketch"]["model"]
+    )
+    with httpx.stream("POST", f"{sketch_url}/api/sketch", json={"prompt": "7", "steps": 4}, timeout=60) as response:
+        stream = list(iter_events(response.iter_lines()))
+    frames, digits = frames_and_result(stream)
+    assert [f["t"] for f in frames] == [999, 749, 499, 249]
+    logits, _ = judge_images(load_judge(), digits.copy())
+    assert (logits.argmax(1) == 7).sum() >= 6, logits.argmax(1)
+    refused = httpx.post(f"{sketch_url}/api/sketch", json={"prompt": "7", "steps": 20})
+    assert refused.status_code == 400 and "must be one of 1, 2, 4" in refused.json()["error"]
+
+
+def test_without_a_fast_model_a_sketch_is_refused_in_one_line(url):
+    assert httpx.get(f"{url}/api/config").json()["sketch"] is None
+    refused = httpx.post(f"{url}/api/sketch", json={"prompt": "7", "steps": 4})
+    assert refused.status_code == 404 and "--sketch_checkpoint" in refused.json()["error"]
 
 
 def test_the_page_posts_only_fields_the_api_takes():
@@ -289,6 +320,7 @@ def test_a_flood_is_turned_away_in_one_line_and_the_server_recovers(pipe):
         (["--precision", "fp64"], "invalid choice: 'fp64'"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--port", "0", "--checkpoint", "no/such.pt"], "no/such.pt"),
+        (["--port", "0", "--sketch_checkpoint", str(PRETRAINED_DIR / "cpu.pt")], "is not a distilled model"),
     ],
 )
 def test_bad_flags_are_one_error_line(tmp_path, flags, fragment):
@@ -385,3 +417,21 @@ def test_the_page_shows_why_a_prompt_is_refused(page, prompt, fragment):
     assert fragment in page.inner_text("#error")
     assert page.get_attribute("#prompt", "aria-invalid") == "true"
     assert page.get_attribute("#grid", "data-state") == "error"
+
+
+@pytest.mark.slow
+def test_the_page_draws_as_you_type_with_the_fast_model_and_only_the_last_keystroke_counts(page):
+    """Typing "3", erasing it and typing "8" within the debounce makes one sketch, of eights, without a click;
+    Generate then runs the teacher's live denoising over it."""
+    assert page.is_visible("#as_you_type") and page.is_checked("#as_you_type")
+    page.type("#prompt", "3")
+    page.press("#prompt", "Backspace")
+    page.type("#prompt", "8")
+    page.wait_for_function("document.getElementById('grid').dataset.state === 'sketched'", timeout=60_000)
+    time.sleep(1.0)  # a stale sketch, had one been sent, would land by now
+    assert page.get_attribute("#grid", "data-sketches") == "1" and "sketched in 4 passes" in page.inner_text("#status")
+    logits, _ = judge_images(load_judge(), grid_digits(page, 8))
+    assert (logits.argmax(1) == 8).sum() >= 6, logits.argmax(1)
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('grid').dataset.state === 'done'", timeout=120_000)
+    assert int(page.get_attribute("#grid", "data-frames")) >= DEFAULT_SAMPLING.steps

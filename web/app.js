@@ -151,6 +151,10 @@ function setDownload(body) {
 
 let running = null; // the AbortController of the request being streamed
 let maxDigits = 64; // from /api/config
+let sketchSteps = null; // the fast model's steps, from /api/config (null: no fast model)
+let sketching = null; // the AbortController of the sketch in flight
+let sketchTimer = null; // the pending keystroke's sketch
+const SKETCH_DELAY_MS = 80; // keystrokes closer than this make one sketch
 
 function handle(event, data, body, started) {
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
@@ -174,7 +178,58 @@ function handle(event, data, body, started) {
   }
 }
 
+function post(path, body, signal) {
+  return fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal });
+}
+
+// The server's one-line refusal {error, field} of a request it did not take.
+function refusalOf(response) {
+  return response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+}
+
+// While the prompt is typed, the fast model draws the grid: one request per pause in the typing, the one
+// before it cancelled. A prompt it refuses (no digit named yet) only says why in the status line.
+function scheduleSketch() {
+  clearTimeout(sketchTimer);
+  if (sketchSteps === null || !$("as_you_type").checked || running || !$("prompt").value.trim()) return;
+  // the fast model samples its own way and takes no negative prompt: only the prompt, scale, seed and count go
+  const body = { ...formBody(), sampler: undefined, negative_prompt: undefined, steps: sketchSteps };
+  sketchTimer = setTimeout(() => sketch(body), SKETCH_DELAY_MS);
+}
+
+async function sketch(body) {
+  sketching?.abort();
+  const controller = new AbortController();
+  sketching = controller;
+  const started = performance.now();
+  try {
+    const response = await post("api/sketch", body, controller.signal);
+    if (!response.ok) {
+      const refusal = await refusalOf(response);
+      setStatus(refusal.error);
+      return;
+    }
+    for await (const [event, data] of serverSentEvents(response)) {
+      if (event !== "done" || running) continue;
+      const digits = decodeImages(data.images);
+      clearError();
+      grid.reset(digits.length / (SIZE * SIZE));
+      grid.set(digits, digits);
+      setDownload(body);
+      canvas.dataset.sketches = String(Number(canvas.dataset.sketches || 0) + 1);
+      const seconds = ((performance.now() - started) / 1000).toFixed(2);
+      setStatus(`sketched in ${sketchSteps} passes · ${seconds} s · Generate for the live denoising`, "sketched", 1);
+    }
+  } catch (err) {
+    if (!controller.signal.aborted) setStatus(`sketch failed: ${err.message}`);
+  } finally {
+    if (sketching === controller) sketching = null;
+  }
+}
+
 async function generate(body) {
+  clearTimeout(sketchTimer);
+  sketching?.abort();
   running?.abort();
   const controller = new AbortController();
   running = controller;
@@ -186,14 +241,9 @@ async function generate(body) {
   $("stop").disabled = false;
   const started = performance.now();
   try {
-    const response = await fetch("api/generate", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-      signal: controller.signal,
-    });
+    const response = await post("api/generate", body, controller.signal);
     if (!response.ok) {
-      const refusal = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+      const refusal = await refusalOf(response);
       showError(refusal.error, refusal.field);
       setStatus("refused", "error", 0);
       return;
@@ -235,6 +285,12 @@ async function loadConfig() {
   $("steps").max = config.limits.max_steps;
   $("num_samples").max = maxDigits = config.limits.max_digits;
   $("model").textContent = config.model;
+  if (config.sketch) {
+    sketchSteps = config.sketch.steps;
+    $("sketch_model").textContent = config.sketch.model;
+    $("sketch_steps").textContent = sketchSteps;
+    $("as_you_type_label").hidden = $("sketch_footer").hidden = false;
+  }
   $("prompt").placeholder = "e.g. " + config.examples.map((p) => `"${p}"`).join(", ").replace(/, ([^,]*)$/, " or $1");
   grid.reset(config.defaults.num_samples);
 }
@@ -248,5 +304,8 @@ $("dice").addEventListener("click", () => {
   $("seed").value = Math.floor(Math.random() * 2 ** 31);
 });
 $("view").addEventListener("change", () => grid.draw());
-form.addEventListener("input", (event) => event.target.removeAttribute("aria-invalid"));
+form.addEventListener("input", (event) => {
+  event.target.removeAttribute("aria-invalid");
+  if (["prompt", "guidance_scale", "seed", "num_samples"].includes(event.target.id)) scheduleSketch();
+});
 loadConfig().catch((err) => showError(`cannot load the page's settings: ${err.message}`));
