@@ -73,6 +73,7 @@ MAX_DIGITS = 64  # per request
 # the seed's, so that one request cannot hold the page for long
 MAX_WORK = 8000
 MAX_PENDING = 8  # requests queued or running; one more is answered 503 with Retry-After
+SKETCH_DELAY_MS = 80  # the page asks for a sketch once the typing pauses this long: one request per pause
 FINAL_EVENTS = ("done", "error")
 log = logging.getLogger("text2digit.serve")
 
@@ -305,7 +306,9 @@ def page_config(pipe: Text2Digit, body: type[Body], max_pending: int, sketch: Te
     defaults = {name: f.default for name, f in body.model_fields.items() if not f.is_required()}
     return {
         "model": describe(pipe),
-        "sketch": None if sketch is None else {"model": describe(sketch), "steps": sketch_steps(sketch)},
+        "sketch": None
+        if sketch is None
+        else {"model": describe(sketch), "steps": sketch_steps(sketch), "delay_ms": SKETCH_DELAY_MS},
         "examples": pipe.model.vocabulary.examples(),  # the page's hint: wordings the model was trained on
         "samplers": list(SAMPLERS),
         "defaults": defaults,

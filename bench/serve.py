@@ -58,11 +58,11 @@ class Timing:
     frames: int
 
 
-def timed_request(client: httpx.Client, url: str, body: dict) -> Timing:
-    """Send one request and time its stream; raise if it does not end with its grid."""
+def timed_request(client: httpx.Client, url: str, body: dict, endpoint: str = "generate") -> Timing:
+    """Send one request to ``/api/ENDPOINT`` and time its stream; raise if it does not end with its grid."""
     start = time.perf_counter()
     first, frames = None, 0
-    with client.stream("POST", f"{url}/api/generate", json=body) as response:
+    with client.stream("POST", f"{url}/api/{endpoint}", json=body) as response:
         if response.status_code != 200:
             raise UserError(f"the server refused the request: {response.read().decode()}")
         for event, data in iter_events(response.iter_lines()):
@@ -77,10 +77,27 @@ def timed_request(client: httpx.Client, url: str, body: dict) -> Timing:
     raise UserError("the stream ended before its done event")
 
 
-def client_run(url: str, body: dict, requests: int) -> list[Timing]:
+def client_run(url: str, body: dict, requests: int, endpoint: str = "generate") -> list[Timing]:
     """One client sending ``requests`` requests back to back."""
     with httpx.Client(timeout=600) as client:
-        return [timed_request(client, url, body) for _ in range(requests)]
+        return [timed_request(client, url, body, endpoint) for _ in range(requests)]
+
+
+def sketch_row(url: str, num_samples: int, requests: int) -> str | None:
+    """The fast model's row (None when the server has none): a sketch of the page's grid as the prompt is
+    typed, timed from the request, and the keystroke-to-grid median (the page's pause after the last
+    keystroke, ``sketch.delay_ms`` of /api/config, then the request)."""
+    sketch = httpx.get(f"{url}/api/config").json()["sketch"]
+    if sketch is None:
+        return None
+    body = {"prompt": "7", "steps": sketch["steps"], "num_samples": num_samples}
+    client_run(url, body, 1, "sketch")  # its own warm-up
+    start = time.perf_counter()
+    timings = client_run(url, body, requests, "sketch")
+    row = table_row(f"as you type: the fast model, {sketch['steps']} steps", timings, time.perf_counter() - start)
+    keystroke = sketch["delay_ms"] / 1000 + np.median([t.done for t in timings])
+    pause = f"{sketch['delay_ms']} ms pause, then the request"
+    return f"{row}\n\nkeystroke to a sketched grid, p50: {keystroke:.3f} s ({pause})"
 
 
 def concurrent_runs(url: str, body: dict, clients: int, requests: int) -> list[Timing]:
@@ -129,6 +146,7 @@ def main() -> None:
         start = time.perf_counter()
         together = concurrent_runs(url, body, args.clients, args.requests)
         rows.append(table_row(f"{args.clients} clients at once", together, time.perf_counter() - start))
+        rows += [row] if (row := sketch_row(url, args.num_samples, args.requests)) else []
     wrong = [t.frames for t in alone + together if t.frames != args.steps]
     if wrong:
         raise UserError(f"a request streamed {wrong[0]} frames, not one per step ({args.steps})")

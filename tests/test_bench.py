@@ -3,6 +3,7 @@ speed belongs in the benchmark's output, not in tests)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -100,3 +101,14 @@ def test_root_cause_samples_each_row_from_the_same_seeds_and_writes_its_table(ti
     assert "| raw weights (no EMA) |" in stdout
     run("bench.root_cause", *flags, "--table", "guidance", "--rows", "1")
     assert json.loads(out.read_text())[0]["label"].startswith("APG eta 0")
+
+
+def test_serve_benchmark_times_the_page_and_the_fast_model_as_you_type():
+    table = run("bench.serve", "--steps", 2, "--num_samples", 2, "--requests", 2, "--clients", 2)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "requests" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "1 client",
+        "2 clients at once",
+        "as you type: the fast model, 4 steps",
+    ]
+    assert re.search(r"keystroke to a sketched grid, p50: \d+\.\d{3} s \(80 ms pause", table), table

@@ -154,7 +154,7 @@ let maxDigits = 64; // from /api/config
 let sketchSteps = null; // the fast model's steps, from /api/config (null: no fast model)
 let sketching = null; // the AbortController of the sketch in flight
 let sketchTimer = null; // the pending keystroke's sketch
-const SKETCH_DELAY_MS = 80; // keystrokes closer than this make one sketch
+let sketchDelay = 80; // ms: keystrokes closer than this make one sketch (from /api/config)
 
 function handle(event, data, body, started) {
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
@@ -194,7 +194,7 @@ function scheduleSketch() {
   if (sketchSteps === null || !$("as_you_type").checked || running || !$("prompt").value.trim()) return;
   // the fast model samples its own way and takes no negative prompt: only the prompt, scale, seed and count go
   const body = { ...formBody(), sampler: undefined, negative_prompt: undefined, steps: sketchSteps };
-  sketchTimer = setTimeout(() => sketch(body), SKETCH_DELAY_MS);
+  sketchTimer = setTimeout(() => sketch(body), sketchDelay);
 }
 
 async function sketch(body) {
@@ -287,6 +287,7 @@ async function loadConfig() {
   $("model").textContent = config.model;
   if (config.sketch) {
     sketchSteps = config.sketch.steps;
+    sketchDelay = config.sketch.delay_ms;
     $("sketch_model").textContent = config.sketch.model;
     $("sketch_steps").textContent = sketchSteps;
     $("as_you_type_label").hidden = $("sketch_footer").hidden = false;
