@@ -73,7 +73,7 @@ MAX_DIGITS = 64  # per request
 # the seed's, so that one request cannot hold the page for long
 MAX_WORK = 8000
 MAX_PENDING = 8  # requests queued or running; one more is answered 503 with Retry-After
-SKETCH_DELAY_MS = 80  # the page asks for a sketch once the typing pauses this long: one request per pause
+SKETCH_DELAY_MS = 40  # the page asks for a sketch once the typing pauses this long: one request per pause
 FINAL_EVENTS = ("done", "error")
 log = logging.getLogger("text2digit.serve")
 

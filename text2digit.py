@@ -310,7 +310,10 @@ class Text2Digit:
         reader = self.reader(request)
         prompts, negative = [reader.read(p) for p in request.prompts], reader.read(request.negative_prompt)
         unique = list(dict.fromkeys(prompts))  # each prompt encoded once, however often it is asked for
-        tokens, _ = self.model.encoder.encode([*unique, negative])
+        # a distilled model has no unconditional half: its (empty) negative prompt is not encoded at all
+        negatives = [] if self.model.distillation else [negative]
+        tokens, _ = self.model.encoder.encode([*unique, *negatives])
+        uncond = tokens[len(unique) :]  # [1, L, D], or [0, L, D] unused
         rows = torch.tensor([unique.index(p) for p in prompts], device=tokens.device)
         cond = tokens[rows].repeat_interleave(request.num_samples, dim=0)
         indices = np.arange(len(cond))
@@ -324,7 +327,7 @@ class Text2Digit:
             net,
             self.model.diffusion,
             cond,
-            tokens[-1:],
+            uncond,
             self.sampled_with(request.options),
             image_shape=IMAGE_SHAPE,
             seed=request.seed,
@@ -333,7 +336,7 @@ class Text2Digit:
             progress=progress,
             callback=on_step,
             bf16=self.bf16,
-            guide_net=self._guide_net(request, tokens[-1:]),
+            guide_net=self._guide_net(request, uncond),
         )
         return to_uint8(images).reshape(len(request.prompts), request.num_samples, *IMAGE_SHAPE[1:])
 

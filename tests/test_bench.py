@@ -111,4 +111,4 @@ def test_serve_benchmark_times_the_page_and_the_fast_model_as_you_type():
         "2 clients at once",
         "as you type: the fast model, 4 steps",
     ]
-    assert re.search(r"keystroke to a sketched grid, p50: \d+\.\d{3} s \(80 ms pause", table), table
+    assert re.search(r"keystroke to a sketched grid, p50: \d+\.\d{3} s \(40 ms pause", table), table

@@ -154,7 +154,7 @@ let maxDigits = 64; // from /api/config
 let sketchSteps = null; // the fast model's steps, from /api/config (null: no fast model)
 let sketching = null; // the AbortController of the sketch in flight
 let sketchTimer = null; // the pending keystroke's sketch
-let sketchDelay = 80; // ms: keystrokes closer than this make one sketch (from /api/config)
+let sketchDelay = 40; // ms: keystrokes closer than this make one sketch (from /api/config)
 
 function handle(event, data, body, started) {
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
