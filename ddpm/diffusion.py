@@ -43,6 +43,8 @@ class GaussianDiffusion:
         self.prediction = prediction
         self.num_train_timesteps = len(betas)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # ln sigma_t, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): increasing in t (sample_timesteps' table)
+        self.log_sigmas = 0.5 * torch.log((1 - self.alphas_cumprod) / self.alphas_cumprod)
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> GaussianDiffusion:
@@ -108,8 +110,7 @@ class GaussianDiffusion:
             return uniform
         mean, std = log_sigma
         drawn = mean + std * torch.randn(batch, device=device, generator=generator, dtype=torch.float64)
-        ab = self.alphas_cumprod.to(device)
-        table = 0.5 * torch.log((1 - ab) / ab)  # ln sigma_t, increasing in t
+        table = self.log_sigmas.to(device)
         above = torch.searchsorted(table, drawn).clamp(1, self.num_train_timesteps - 1)
         nearer_below = (drawn - table[above - 1]) < (table[above] - drawn)
         keep_uniform = torch.rand(batch, device=device, generator=generator) < uniform_share
