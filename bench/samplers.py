@@ -160,14 +160,15 @@ def student_rows(args, device: torch.device, options: SamplingOptions, contexts,
     student = load_trained_model(args.student, device)
     cond, uncond = contexts
     counts = student.distillation["student_steps"]
-    for i, steps in enumerate([counts[0], *counts]):
+
+    def run(steps: int, prompts: torch.Tensor):
         fast = as_sampler_net(student.net, student.diffusion, steps, args.guidance_scale)
         used = student_options(options.replace(steps=steps))
-        if i == 0:  # the warm-up
-            generate(fast, student.diffusion, cond[:2], uncond, used, **common)
-            continue
-        run = partial(generate, fast, student.diffusion, cond, uncond, used, **common)
-        print(_row(f"distilled ({args.student.name})", steps, run, judge, digits), flush=True)
+        return partial(generate, fast, student.diffusion, prompts, uncond, used, **common)
+
+    run(counts[0], cond[:2])()  # the warm-up
+    for steps in counts:
+        print(_row(f"distilled ({args.student.name})", steps, run(steps, cond), judge, digits), flush=True)
 
 
 def _row(name: str, steps: int, run, judge, digits) -> str:

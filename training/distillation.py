@@ -29,7 +29,15 @@ from data.captions import CaptionTensors, Vocabulary, caption_set, prompt_table
 from data.mnist import load_mnist, mnist_cache_dir
 from data.shapes import IMAGE_SHAPE
 from ddpm import DEFAULT_SAMPLING, DiffusionConfig, GaussianDiffusion, classifier_free_guidance, image_generator
-from ddpm.distillation import distillation_loss, stops, student_jumps, teacher_trajectory
+from ddpm.distillation import (
+    CLEAN,
+    STUDENT_SAMPLING,
+    STUDENT_SPACING,
+    distillation_loss,
+    stops,
+    student_jumps,
+    teacher_trajectory,
+)
 from ddpm.options import check, option, to_json
 from ddpm.samplers import sample_dpmpp_2m
 from models.checkpoint import PRETRAINED_DIR, ROOT, save_checkpoint, step_checkpoint_path
@@ -155,7 +163,7 @@ def teacher_part(
             teacher.diffusion,
             cfg.teacher_steps,
             keep,
-            spacing="trailing",
+            spacing=STUDENT_SPACING,  # the teacher's grid holds the student's
             threshold="clip",
         )
     return {"stops": keep, "states": states.float(), "rows": rows, "guidance": scales}
@@ -169,13 +177,16 @@ def make_trajectories(
     folder = cfg.output_dir / "trajectories"
     check_trajectory_settings(cfg, folder)
     parts = -(-cfg.trajectories // PART_SIZE)
-    mnist = load_mnist()
-    classes = torch.from_numpy(caption_classes(teacher.vocabulary, mnist.train_images, mnist.train_labels))
+    classes = None  # the training images' caption classes, read only when a part is still to be drawn
     loaded = []
     for part in range(parts):
         path = folder / f"part_{part:04d}.pt"
         if not path.is_file():
             start = time.perf_counter()
+            if classes is None:
+                mnist = load_mnist()
+                classes = caption_classes(teacher.vocabulary, mnist.train_images, mnist.train_labels)
+                classes = torch.from_numpy(classes)
             conditions = draw_conditions(cfg, teacher.vocabulary, classes, part)
             payload = teacher_part(cfg, teacher, table, conditions, part, bf16)
             atomic_write(path, lambda f, payload=payload: torch.save(payload, f))
@@ -197,7 +208,8 @@ TRAJECTORY_SETTINGS = ("teacher", "teacher_steps", "student_steps", "guidance_lo
 def check_trajectory_settings(cfg: DistillConfig, folder: Path) -> None:
     """Record what the parts in ``folder`` are drawn with (``settings.json``, with the teacher's sha256), or
     raise UserError if they were drawn otherwise: parts of another teacher or seed are never mixed."""
-    settings = {key: cfg.record()[key] for key in TRAJECTORY_SETTINGS} | {"teacher_sha256": sha256_of(cfg.teacher)}
+    record = cfg.record()
+    settings = {key: record[key] for key in TRAJECTORY_SETTINGS} | {"teacher_sha256": sha256_of(cfg.teacher)}
     settings["student_steps"] = list(settings["student_steps"])
     path = folder / "settings.json"
     if not path.is_file():
@@ -252,8 +264,8 @@ class StudentTraining:
             **cfg.record(),
             "teacher_sha256": sha256_of(cfg.teacher),
             "init_sha256": sha256_of(cfg.init),
-            "sampler": "ddim",
-            "spacing": "trailing",
+            "sampler": STUDENT_SAMPLING["sampler"],
+            "spacing": STUDENT_SPACING,
             "guidance_interval_of_teacher": list(to_json(DEFAULT_SAMPLING.guidance_interval)),  # inf as null
         }
         self.config = {
@@ -268,10 +280,11 @@ class StudentTraining:
         ``stop_requested()`` says so after a step (a checkpoint, then SystemExit with EXIT_RESUMABLE).
         Returns the last checkpoint."""
         last = None
-        where = {t: i for i, t in enumerate(data.stops)} | {-1: len(data.stops)}
+        where = {t: i for i, t in enumerate(data.stops)} | {CLEAN: len(data.stops)}
+        positions = torch.tensor([[where[t], where[s]] for t, s in self.jumps.tolist()])  # of x_t, x_s in states
         start, images = time.perf_counter(), 0
         while self.step < self.cfg.train_steps:
-            loss = self._step(data, table, where)
+            loss = self._step(data, table, positions)
             self.step += 1
             images += self.cfg.batch_size
             if self.step % 50 == 0 or self.step == self.cfg.train_steps:
@@ -284,12 +297,13 @@ class StudentTraining:
                 raise SystemExit(EXIT_RESUMABLE)
         return last or self.save()
 
-    def _step(self, data: Trajectories, table: torch.Tensor, where: dict[int, int]) -> float:
+    def _step(self, data: Trajectories, table: torch.Tensor, positions: torch.Tensor) -> float:
+        """One optimiser step on random (trajectory, jump) pairs; ``positions`` [J, 2] are where each jump's
+        x_t and x_s lie in ``data.states``."""
         pick = torch.randint(len(data.rows), (self.cfg.batch_size,), generator=self.generator)
-        jump = self.jumps[torch.randint(len(self.jumps), (self.cfg.batch_size,), generator=self.generator)]
-        t, s = jump[:, 0], jump[:, 1]
-        at = lambda steps: torch.tensor([where[int(v)] for v in steps])
-        x_t, x_s = data.states[pick, at(t)], data.states[pick, at(s)]
+        jump = torch.randint(len(self.jumps), (self.cfg.batch_size,), generator=self.generator)
+        (t, s), (at_t, at_s) = self.jumps[jump].T, positions[jump].T
+        x_t, x_s = data.states[pick, at_t], data.states[pick, at_s]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             loss = distillation_loss(
                 self.net, self.diffusion, x_t, x_s, t, s, table[data.rows[pick]], data.guidance[pick]
