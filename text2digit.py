@@ -312,7 +312,7 @@ class Text2Digit:
         unique = list(dict.fromkeys(prompts))  # each prompt encoded once, however often it is asked for
         # a distilled model has no unconditional half: its (empty) negative prompt is not encoded at all
         negatives = [] if self.model.distillation else [negative]
-        tokens, _ = self.model.encoder.encode([*unique, *negatives])
+        tokens = self.model.encoder.tokens_of([*unique, *negatives])
         uncond = tokens[len(unique) :]  # [1, L, D], or [0, L, D] unused
         rows = torch.tensor([unique.index(p) for p in prompts], device=tokens.device)
         cond = tokens[rows].repeat_interleave(request.num_samples, dim=0)

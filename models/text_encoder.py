@@ -33,6 +33,7 @@ import threading
 import urllib.error
 import urllib.request
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ PROBE_PROMPTS = [str(digit) for digit in range(10)]
 FINGERPRINT_SIGNIFICANT_DIGITS = 6
 FINGERPRINT_REL_TOL = 1e-4
 FINGERPRINT_ABS_TOL = 1e-5
+PROMPT_CACHE_SIZE = 1024  # prompts whose tokens tokens_of keeps: 16 KiB each
 
 
 class _WeightsUnavailable(Exception):
@@ -79,6 +81,8 @@ class TextEncoder(torch.nn.Module):
         self.to(device)
         self.train(False)
         self._fingerprint: list[float] | None = None
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def train(self, mode: bool = True) -> TextEncoder:
         """Ignore ``mode``: the encoder is frozen and stays in eval mode."""
@@ -99,6 +103,26 @@ class TextEncoder(torch.nn.Module):
         token_ids = self.tokenizer(prompts).to(self.device)
         pooled, tokens = self.tower(token_ids)
         return tokens, pooled
+
+    def tokens_of(self, prompts: list[str]) -> torch.Tensor:
+        """``encode(prompts)[0]``, remembering the last PROMPT_CACHE_SIZE prompts' tokens.
+
+        The tower is frozen, so a prompt's tokens never change, and they are the dearest part of a
+        few-step sketch: one prompt's pass reads all 38 M weights (150 MB) for 8 tokens, about 26 ms on
+        one core, as long as 2 passes of the fast UNet. The page asks again for the same prompt as one
+        types (a word half typed is dropped as unknown by the random tower's reader) or changes the seed.
+        The prompts not yet known are encoded together in their order, so a first call returns exactly
+        what ``encode`` does.
+        """
+        with self._cache_lock:
+            missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._cache]
+            if missing:
+                self._cache.update((prompt, row.clone()) for prompt, row in zip(missing, self.encode(missing)[0]))
+            for prompt in prompts:
+                self._cache.move_to_end(prompt)
+            while len(self._cache) > PROMPT_CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return torch.stack([self._cache[prompt] for prompt in prompts])
 
     @property
     def record(self) -> dict:

@@ -127,7 +127,7 @@ def sketch_url(pipe):
 def test_the_fast_model_sketches_a_grid_in_its_own_steps(sketch_url):
     config = httpx.get(f"{sketch_url}/api/config").json()
     assert (
-        config["sketch"]["steps"] == 4
+        config["sketch"]["steps"] == 2
         and "fast.pt, distilled from models/pretrained/mnist.pt" in config["sketch"]["model"]
     )
     with httpx.stream("POST", f"{sketch_url}/api/sketch", json={"prompt": "7", "steps": 4}, timeout=60) as response:
@@ -429,7 +429,7 @@ def test_the_page_draws_as_you_type_with_the_fast_model_and_only_the_last_keystr
     page.type("#prompt", "8")
     page.wait_for_function("document.getElementById('grid').dataset.state === 'sketched'", timeout=60_000)
     time.sleep(1.0)  # a stale sketch, had one been sent, would land by now
-    assert page.get_attribute("#grid", "data-sketches") == "1" and "sketched in 4 passes" in page.inner_text("#status")
+    assert page.get_attribute("#grid", "data-sketches") == "1" and "sketched in 2 passes" in page.inner_text("#status")
     logits, _ = judge_images(load_judge(), grid_digits(page, 8))
     assert (logits.argmax(1) == 8).sum() >= 6, logits.argmax(1)
     page.click("#generate")

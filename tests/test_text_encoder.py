@@ -16,6 +16,7 @@ import open_clip
 import pytest
 import torch
 
+import models.text_encoder
 from data.tokens import prompt_tokens, truncated_prompt
 from models.text_encoder import OPENAI_HUB_REPO, TextEncoder, build_text_encoder, check_compatible
 from runtime.errors import UserError
@@ -97,6 +98,25 @@ def test_shapes_dtypes_frozen_eval(random_encoder):
     assert not any(p.requires_grad for p in random_encoder.parameters())
     random_encoder.train()
     assert not any(m.training for m in random_encoder.modules())
+
+
+def test_tokens_of_remembers_recent_prompts_and_forgets_the_oldest(monkeypatch):
+    """A first call returns exactly what encode does; prompts met again cost no pass of the tower; the
+    cache keeps the PROMPT_CACHE_SIZE prompts used last."""
+    encoder = TextEncoder(weights="random", seed=0)
+    passes = []
+    encoder.tower.register_forward_hook(lambda _, args, __: passes.append(len(args[0])))
+    monkeypatch.setattr(models.text_encoder, "PROMPT_CACHE_SIZE", 3)
+    first = encoder.tokens_of(["7", "seven", "7"])
+    assert torch.equal(first, encoder.encode(["7", "seven", "7"])[0]) and passes == [2, 3]
+    passes.clear()
+    assert torch.equal(encoder.tokens_of(["seven", "7"]), first[[1, 0]]) and passes == []
+    encoder.tokens_of(["3"])  # 3, then 7 and seven: all three kept
+    encoder.tokens_of(["8", "seven"])  # the least recently used, 7, goes
+    assert passes == [1, 1]
+    assert torch.equal(encoder.tokens_of(["3", "seven", "8"])[1], first[1]) and passes == [1, 1]
+    encoder.tokens_of(["7"])
+    assert passes == [1, 1, 1]
 
 
 @pytest.mark.slow

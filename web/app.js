@@ -154,7 +154,7 @@ let maxDigits = 64; // from /api/config
 let sketchSteps = null; // the fast model's steps, from /api/config (null: no fast model)
 let sketching = null; // the AbortController of the sketch in flight
 let sketchTimer = null; // the pending keystroke's sketch
-let sketchDelay = 40; // ms: keystrokes closer than this make one sketch (from /api/config)
+let sketchDelay = 10; // ms: keystrokes closer than this make one sketch (from /api/config)
 
 function handle(event, data, body, started) {
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
@@ -191,6 +191,7 @@ function refusalOf(response) {
 // before it cancelled. A prompt it refuses (no digit named yet) only says why in the status line.
 function scheduleSketch() {
   clearTimeout(sketchTimer);
+  sketching?.abort(); // whatever it draws is stale now, even when the prompt is erased
   if (sketchSteps === null || !$("as_you_type").checked || running || !$("prompt").value.trim()) return;
   // the fast model samples its own way and takes no negative prompt: only the prompt, scale, seed and count go
   const body = { ...formBody(), sampler: undefined, negative_prompt: undefined, steps: sketchSteps };
