@@ -309,13 +309,11 @@ class Text2Digit:
         self.check(request)
         reader = self.reader(request)
         prompts, negative = [reader.read(p) for p in request.prompts], reader.read(request.negative_prompt)
-        unique = list(dict.fromkeys(prompts))  # each prompt encoded once, however often it is asked for
         # a distilled model has no unconditional half: its (empty) negative prompt is not encoded at all
         negatives = [] if self.model.distillation else [negative]
-        tokens = self.model.encoder.tokens_of([*unique, *negatives])
-        uncond = tokens[len(unique) :]  # [1, L, D], or [0, L, D] unused
-        rows = torch.tensor([unique.index(p) for p in prompts], device=tokens.device)
-        cond = tokens[rows].repeat_interleave(request.num_samples, dim=0)
+        tokens = self.model.encoder.tokens_of([*prompts, *negatives])  # each prompt encoded once, at most
+        uncond = tokens[len(prompts) :]  # [1, L, D], or [0, L, D] unused
+        cond = tokens[: len(prompts)].repeat_interleave(request.num_samples, dim=0)
         indices = np.arange(len(cond))
         if request.shared_noise:
             indices = np.tile(np.arange(request.num_samples), len(request.prompts))

@@ -199,7 +199,6 @@ function scheduleSketch() {
 }
 
 async function sketch(body) {
-  sketching?.abort();
   const controller = new AbortController();
   sketching = controller;
   const started = performance.now();
