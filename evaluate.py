@@ -216,8 +216,7 @@ def evaluate_scale(pipe: Text2Digit, options: SamplingOptions, plan, references,
     result, picture = {"guidance_scale": options.guidance_scale, **score(images, plan, judge, reference)}, None
     sample = style_sampler(pipe, options, args)
     if styles is not None:
-        negatives = pipe.model.distillation is None  # a distilled model takes no negative prompt
-        result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples, negatives)
+        result["styles"] = evaluate_styles(sample, styles, judge, args.style_samples, pipe.reads_negative_prompt)
         result["styles"]["summary"] = summary(result["styles"])  # what models/pretrained.py records
         picture = style_picture(sample, styles.vocabulary)
     if args.prompt_samples:

@@ -315,7 +315,12 @@ def page_config(pipe: Text2Digit, body: type[Body], max_pending: int, sketch: Te
         "model": describe(pipe),
         "sketch": None
         if sketch is None
-        else {"model": describe(sketch), "steps": sketch_steps(sketch), "delay_ms": SKETCH_DELAY_MS},
+        else {
+            "model": describe(sketch),
+            "steps": sketch_steps(sketch),
+            "delay_ms": SKETCH_DELAY_MS,
+            "negative_prompt": sketch.reads_negative_prompt,  # older students take none: the page leaves it out
+        },
         "examples": pipe.model.vocabulary.examples(),  # the page's hint: wordings the model was trained on
         "samplers": list(SAMPLERS),
         "defaults": defaults,

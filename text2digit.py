@@ -278,11 +278,18 @@ class Text2Digit:
                 "{steps} must be one of {counts} for the distilled model {path}, got {value}",
                 counts=", ".join(map(str, counts)), path=self.model.path, value=options.steps,
             )  # fmt: skip
-        if request.negative_prompt != EMPTY_PROMPT or self.guide is not None:
+        if self.guide is not None:
             raise InvalidRequest(
                 "negative_prompt",
-                "the distilled model {path} folds guidance in and takes no {negative_prompt} nor a guide checkpoint; "
-                "sample its teacher {teacher} for those",
+                "the distilled model {path} folds guidance in and takes no guide checkpoint; sample its teacher "
+                "{teacher} for autoguidance",
+                path=self.model.path, teacher=record["teacher"],
+            )  # fmt: skip
+        if request.negative_prompt != EMPTY_PROMPT and not self.reads_negative_prompt:
+            raise InvalidRequest(
+                "negative_prompt",
+                "the distilled model {path} was distilled without negative prompts and takes no {negative_prompt}; "
+                "sample its teacher {teacher}, or distil it again with distill.py",
                 path=self.model.path, teacher=record["teacher"],
             )  # fmt: skip
         low, high = record["guidance_low"], record["guidance_high"]
@@ -291,6 +298,12 @@ class Text2Digit:
         if not low <= options.guidance_scale <= high:
             warnings.append(f"guidance scale {options.guidance_scale:g} is outside the [{low:g}, {high:g}] distilled")
         return warnings
+
+    @property
+    def reads_negative_prompt(self) -> bool:
+        """Whether a negative prompt steers this model: every guided one does, and a distilled student distilled
+        with negative prompts (ddpm/distillation.py); older students take none."""
+        return not self.model.distillation or self.model.net.cfg.negative_input
 
     def reader(self, request: Request) -> Reader:
         """What the text encoder is given for the request's prompts (data/prompts.py)."""
@@ -309,8 +322,8 @@ class Text2Digit:
         self.check(request)
         reader = self.reader(request)
         prompts, negative = [reader.read(p) for p in request.prompts], reader.read(request.negative_prompt)
-        # a distilled model has no unconditional half: its (empty) negative prompt is not encoded at all
-        negatives = [] if self.model.distillation else [negative]
+        # a student that reads no negative prompt has no use for the (empty) one's tokens: not encoded at all
+        negatives = [negative] if self.reads_negative_prompt else []
         tokens = self.model.encoder.tokens_of([*prompts, *negatives])  # each prompt encoded once, at most
         uncond = tokens[len(prompts) :]  # [1, L, D], or [0, L, D] unused
         cond = tokens[: len(prompts)].repeat_interleave(request.num_samples, dim=0)
@@ -319,8 +332,10 @@ class Text2Digit:
             indices = np.tile(np.arange(request.num_samples), len(request.prompts))
         on_step = None if callback is None else lambda i, t, x_t, x0: callback(i, t, to_uint8(x_t), to_uint8(x0))
         net = self.model.net
-        if self.model.distillation:  # the scale is the student's input
-            net = as_sampler_net(net, self.model.diffusion, request.options.steps, request.options.guidance_scale)
+        if self.model.distillation:  # the scale (and the negative prompt) are the student's inputs
+            steps, scale = request.options.steps, request.options.guidance_scale
+            negative_tokens = uncond if self.model.net.cfg.negative_input else None
+            net = as_sampler_net(net, self.model.diffusion, steps, scale, negative_tokens)
         images = generate(
             net,
             self.model.diffusion,

@@ -162,7 +162,8 @@ def student_rows(args, device: torch.device, options: SamplingOptions, contexts,
     counts = student.distillation["student_steps"]
 
     def run(steps: int, prompts: torch.Tensor):
-        fast = as_sampler_net(student.net, student.diffusion, steps, args.guidance_scale)
+        negative = uncond if student.net.cfg.negative_input else None  # the empty prompt's tokens: none
+        fast = as_sampler_net(student.net, student.diffusion, steps, args.guidance_scale, negative)
         used = student_options(options.replace(steps=steps))
         return partial(generate, fast, student.diffusion, prompts, uncond, used, **common)
 

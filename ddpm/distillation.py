@@ -43,7 +43,7 @@ STUDENT_SAMPLING = dict(
     guidance_rescale=0.0,
     guidance_parallel=1.0,
 )
-StudentFn = Callable[..., torch.Tensor]  # net(x, t, context, guidance=[B], lands_on=[B])
+StudentFn = Callable[..., torch.Tensor]  # net(x, t, context, guidance=[B], lands_on=[B], negative=[B, L, D] | None)
 STUDENT_SPACING = STUDENT_SAMPLING["spacing"]
 CLEAN = -1  # where a last step lands
 
@@ -118,14 +118,16 @@ def distillation_loss(
     s: torch.Tensor,
     context: torch.Tensor,
     guidance: torch.Tensor,
+    negative: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the student's v at (x_t, t) jumping to s against the v of x0~: in x0 terms an
     error weighted by SNR_t + 1, Salimans & Ho 2022's "SNR+1" weighting (section 4), which keeps the
-    weight of the first, nearly pure-noise step (SNR ~ 0) from vanishing."""
+    weight of the first, nearly pure-noise step (SNR ~ 0) from vanishing. ``negative``: the tokens of the
+    negative prompt the teacher was guided away from, for a student that reads them."""
     shape = (-1, *[1] * (x_t.ndim - 1))
     ab_t, ab_s = alpha_bar_at(diffusion, t).reshape(shape), alpha_bar_at(diffusion, s).reshape(shape)
     target = v_of_x0(x_t.double(), jump_target_x0(x_t.double(), x_s.double(), ab_t, ab_s), ab_t).float()
-    output = student(x_t, t, context, guidance=guidance, lands_on=s)
+    output = student(x_t, t, context, guidance=guidance, lands_on=s, negative=negative)
     return (output.float() - target).square().mean()
 
 
@@ -135,18 +137,24 @@ def v_of_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar_t: torch.Tensor) -> t
     return (alpha_bar_t.sqrt() * x_t - x0) / (1 - alpha_bar_t).sqrt()
 
 
-def as_sampler_net(student: StudentFn, diffusion: GaussianDiffusion, steps: int, guidance_scale: float):
-    """The student as the samplers' ``net(x, t, context)`` for an N-step run at one guidance scale: each
-    call at timestep t is told the scale and where its step lands. Sample it with DDIM, eta 0, trailing."""
+def as_sampler_net(
+    student: StudentFn,
+    diffusion: GaussianDiffusion,
+    steps: int,
+    guidance_scale: float,
+    negative: torch.Tensor | None = None,
+):
+    """The student as the samplers' ``net(x, t, context)`` for an N-step run at one guidance scale (and, for a
+    student that reads one, a negative prompt's tokens ``negative`` [1, L, D]): each call at timestep t is told
+    them and where its step lands. Sample it with DDIM, eta 0, trailing."""
     lands = landings(diffusion.num_train_timesteps, steps)
 
     def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if int(t[0]) not in lands:
             raise ValueError(f"a {steps}-step student was asked for timestep {int(t[0])}, off its grid {list(lands)}")
         lands_on = torch.full_like(t, lands[int(t[0])])
-        return student(
-            x, t, context, guidance=torch.full((len(x),), guidance_scale, device=x.device), lands_on=lands_on
-        )
+        scale = torch.full((len(x),), guidance_scale, device=x.device)
+        return student(x, t, context, guidance=scale, lands_on=lands_on, negative=negative)
 
     return net
 

@@ -75,7 +75,8 @@ def evaluate_styles(
     sample: SampleFn, reference: StyleReference, judge: Judge, per_prompt: int, negatives: bool = True
 ) -> dict:
     """Sample and measure every prompt of the reference's vocabulary's ``style_plan`` and, with ``negatives``
-    (a model that takes negative prompts: not a distilled one), the negative prompts; the report's numbers."""
+    (a model that reads negative prompts: not a student distilled without them), the negative prompts; the
+    report's numbers."""
     plan = style_plan(reference.vocabulary)
     images = sample([p.prompt for p in plan], per_prompt, "")
     measures = measure_digits(images.reshape(-1, *images.shape[2:])).reshape(len(plan), per_prompt, -1)

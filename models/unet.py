@@ -33,7 +33,7 @@ from data.shapes import IMAGE_SHAPE, TEXT_DIM
 class UNetConfig:
     """The UNet's layout. Every field is also a training config key and flag (``--widths 32 64 64``),
     except the two fixed by the data and the text encoder (``fixed``), never configured, and
-    ``distilled``, which only distill.py sets (``distill_only``)."""
+    ``distilled`` and ``negative_input``, which only distill.py sets (``distill_only``)."""
 
     widths: tuple[int, ...] = (32, 64, 64)
     attention: tuple[bool, ...] = (False, True, True)  # a transformer block after each block of that level
@@ -46,6 +46,8 @@ class UNetConfig:
     patch_size: int = 1  # > 1: the UNet works on p x p pixel patches folded into channels (pixel unshuffle)
     # a distilled student's two more inputs, the guidance scale and the timestep its step lands on (distill.py)
     distilled: bool = field(default=False, metadata={"distill_only": True})
+    # and a third: the negative prompt's tokens, whose mean is embedded like the scale (older students lack it)
+    negative_input: bool = field(default=False, metadata={"distill_only": True})
     in_channels: int = field(default=IMAGE_SHAPE[0], metadata={"fixed": True})
     context_dim: int = field(default=TEXT_DIM, metadata={"fixed": True})
 
@@ -55,6 +57,8 @@ class UNetConfig:
             raise ValueError("widths and attention must have one entry per resolution level")
         if any(w % self.groups or w % self.head_dim for w in self.widths):
             raise ValueError(f"every width must be divisible by groups={self.groups} and head_dim={self.head_dim}")
+        if self.negative_input and not self.distilled:
+            raise ValueError("only a distilled UNet takes a negative prompt as an input")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -63,6 +67,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def zero_output_mlp(dim_in: int, dim: int) -> nn.Sequential:
+    """Linear -> SiLU -> Linear, its output zero until trained: a new input embedded this way leaves the
+    network it is added to the function it was (a student starts as the model it is initialised from)."""
+    mlp = nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
 
 
 class ResBlock(nn.Module):
@@ -190,10 +203,10 @@ class UNet(nn.Module):
         self.cfg = cfg
         w0, emb_dim = cfg.widths[0], 4 * cfg.widths[0]
         self.time_mlp = nn.Sequential(nn.Linear(w0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.distilled:  # zero-initialised, so a student starts as the model it is initialised from
-            self.jump_mlp = nn.Sequential(nn.Linear(2 * w0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-            nn.init.zeros_(self.jump_mlp[2].weight)
-            nn.init.zeros_(self.jump_mlp[2].bias)
+        if cfg.distilled:
+            self.jump_mlp = zero_output_mlp(2 * w0, emb_dim)
+        if cfg.negative_input:
+            self.negative_mlp = zero_output_mlp(cfg.context_dim, emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, w0, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -238,16 +251,23 @@ class UNet(nn.Module):
         context: torch.Tensor,
         guidance: torch.Tensor | None = None,
         lands_on: torch.Tensor | None = None,
+        negative: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``guidance`` [B] (the guidance scale) and ``lands_on`` [B] (the timestep the sampler's step from
-        t lands on, -1 for clean data) are a distilled student's inputs, required then and refused otherwise."""
+        t lands on, -1 for clean data) are a distilled student's inputs, required then and refused otherwise;
+        ``negative`` [B or 1, L, context_dim], the negative prompt's tokens (the empty prompt's for none), is
+        likewise a ``negative_input`` student's."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.widths[0]))
         if self.cfg.distilled != (guidance is not None and lands_on is not None):
             raise ValueError("a distilled UNet takes guidance and lands_on, and only a distilled UNet does")
+        if self.cfg.negative_input != (negative is not None):
+            raise ValueError("a negative_input UNet takes negative, and only such a UNet does")
         if self.cfg.distilled:
             w0 = self.cfg.widths[0]  # the scale in hundredths, so that its sinusoids resolve 1 from 1.5
             jump = torch.cat([timestep_embedding(100 * guidance, w0), timestep_embedding(lands_on + 1, w0)], dim=1)
             emb = emb + self.jump_mlp(jump)
+        if self.cfg.negative_input:
+            emb = emb + self.negative_mlp(negative.mean(dim=1))
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
         extra = self.cfg.extra_up_block  # the extra up blocks take conv_in's and the downsamplers' outputs
         skips = [h] if extra else []

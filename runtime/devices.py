@@ -45,6 +45,18 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return re.search(r"^flags\s*:.*\b(avx512_bf16|amx_bf16)\b", text, flags=re.MULTILINE) is not None
 
 
+def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU kind a benchmark names beside its times: "AVX512-BF16", "AVX2", or "AVX2 emulated on AVX512"
+    (``ATEN_CPU_CAPABILITY=avx2`` on an AVX512 machine: about 1.55x too fast for training, docs/speed.md)."""
+    try:
+        flags = set(re.findall(r"^flags\s*:(.*)$", cpuinfo.read_text(), flags=re.MULTILINE)[0].split())
+    except (OSError, IndexError):
+        return f"unknown CPU (PyTorch's {torch.backends.cpu.get_cpu_capability()} kernels)"
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" and "avx512f" in flags:
+        return "AVX2 emulated on AVX512"
+    return "AVX512-BF16" if cpu_has_native_bf16(cpuinfo) else "AVX2" if "avx2" in flags else "neither AVX2 nor AVX512"
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether to autocast to bf16: ``bf16`` always, ``fp32`` never, ``auto`` where the hardware
     does bf16 natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX)."""

@@ -28,6 +28,21 @@ def test_pytorch_held_to_avx2_means_no_native_bf16(tmp_path, monkeypatch):
     assert devices.cpu_has_native_bf16(cpuinfo) is False
 
 
+@pytest.mark.parametrize(
+    "flags, capability, kind",
+    [
+        ("fpu avx2 avx512f avx512_bf16", "AVX512", "AVX512-BF16"),
+        ("fpu avx2 avx512f avx512_bf16", "AVX2", "AVX2 emulated on AVX512"),
+        ("fpu sse2 avx2 fma", "AVX2", "AVX2"),
+    ],
+)
+def test_a_benchmark_names_the_cpu_kind_emulation_included(tmp_path, monkeypatch, flags, capability, kind):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert devices.cpu_kind(cpuinfo) == kind
+
+
 def test_no_cpuinfo_means_no_native_bf16(tmp_path):
     assert devices.cpu_has_native_bf16(tmp_path / "absent") is False
 

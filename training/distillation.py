@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.captions import CaptionTensors, Vocabulary, caption_set, prompt_table
+from data.captions import EMPTY_PROMPT, CaptionSet, CaptionTensors, Vocabulary, caption_set, prompt_table
 from data.mnist import load_mnist, mnist_cache_dir
+from data.prompts import Named, named
 from data.shapes import IMAGE_SHAPE
 from ddpm import DEFAULT_SAMPLING, DiffusionConfig, GaussianDiffusion, classifier_free_guidance, image_generator
 from ddpm.distillation import (
@@ -75,6 +76,13 @@ class DistillConfig:
     )
     guidance_low: float = option(1.0, help="the smallest guidance scale distilled", low=0, high=30)
     guidance_high: float = option(8.0, help="the largest guidance scale distilled", low=0, high=30)
+    negative_share: float = option(
+        0.5,
+        help="the share of trajectories guided away from a negative prompt (a caption that names no digit) "
+        "instead of the empty prompt",
+        low=0,
+        high=1,
+    )
     train_steps: int = option(6000, help="student optimiser steps", low=1)
     batch_size: int = option(128, help="(trajectory, jump) pairs per step", low=1)
     learning_rate: float = option(1e-3, help="AdamW's peak learning rate", low=0)
@@ -111,37 +119,51 @@ def sha256_of(path: Path) -> str:
 # ----------------------------------------------------------------------------- stage 1: the teacher's trajectories
 @dataclass(frozen=True)
 class Trajectories:
-    """What the teacher drew: per trajectory, the states at ``stops`` then the endpoint, its caption and scale."""
+    """What the teacher drew: per trajectory, the states at ``stops`` then the endpoint, its caption, negative
+    prompt and scale."""
 
     stops: list[int]
     states: torch.Tensor  # float32 [N, len(stops) + 1, 1, 28, 28]
     rows: torch.Tensor  # int64 [N]: rows of the prompt table
+    negative_rows: torch.Tensor  # int64 [N]: rows of the prompt table (0, the empty prompt: plain guidance)
     guidance: torch.Tensor  # float32 [N]
+
+
+def negative_rows(captions: CaptionSet) -> torch.Tensor:
+    """The rows of the training captions that name no digit ("thick", "fat broad leaning left"): what a
+    negative prompt says."""
+    nothing = Named(digits=(), numbers=())
+    return torch.tensor([row for row, p in enumerate(captions.prompts) if p != EMPTY_PROMPT and named(p) == nothing])
 
 
 def draw_conditions(
     cfg: DistillConfig, vocabulary: Vocabulary, classes: torch.Tensor, part: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(caption rows, guidance scales) of part ``part``: the caption of a random training image (of caption
-    class ``classes``), drawn as training draws them, and a scale uniform in [guidance_low, guidance_high]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(caption rows, negative prompt rows, guidance scales) of part ``part``: the caption of a random training
+    image (of caption class ``classes``), drawn as training draws them; with probability ``negative_share`` a
+    caption that names no digit as the negative prompt, else the empty prompt; a scale uniform in
+    [guidance_low, guidance_high]."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, part]).generate_state(1)[0]))
     images = torch.randint(len(classes), (PART_SIZE,), generator=gen)
     captions = caption_set(vocabulary)
     rows = captions.draw(classes[images], gen, CaptionTensors.of(captions, torch.device("cpu")))
     scales = cfg.guidance_low + (cfg.guidance_high - cfg.guidance_low) * torch.rand(PART_SIZE, generator=gen)
-    return rows, scales
+    styles = negative_rows(captions)
+    negatives = styles[torch.randint(len(styles), (PART_SIZE,), generator=gen)]
+    negatives[torch.rand(PART_SIZE, generator=gen) >= cfg.negative_share] = captions.row_of(EMPTY_PROMPT)
+    return rows, negatives, scales
 
 
 def teacher_part(
     cfg: DistillConfig,
     teacher: TrainedModel,
     table: torch.Tensor,
-    conditions: tuple[torch.Tensor, torch.Tensor],
+    conditions: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     part: int,
     bf16: bool,
 ) -> dict:
     """Trajectories PART_SIZE * part ... of the run: image i starts from ``image_generator(seed, i)``."""
-    rows, scales = conditions
+    rows, negatives, scales = conditions
     first = part * PART_SIZE
     x_T = torch.stack(
         [torch.randn(*IMAGE_SHAPE, generator=image_generator(cfg.seed, first + i)) for i in range(PART_SIZE)]
@@ -150,7 +172,7 @@ def teacher_part(
         teacher.net,
         teacher.diffusion,
         table[rows],
-        table[:1],
+        table[negatives],
         scales[:, None, None, None],
         DEFAULT_SAMPLING.guidance_interval,
     )
@@ -166,7 +188,7 @@ def teacher_part(
             spacing=STUDENT_SPACING,  # the teacher's grid holds the student's
             threshold="clip",
         )
-    return {"stops": keep, "states": states.float(), "rows": rows, "guidance": scales}
+    return {"stops": keep, "states": states.float(), "rows": rows, "negative_rows": negatives, "guidance": scales}
 
 
 def make_trajectories(
@@ -198,11 +220,14 @@ def make_trajectories(
                 raise SystemExit(EXIT_RESUMABLE)
         loaded.append(torch.load(path, weights_only=True))
     return Trajectories(
-        loaded[0]["stops"], *(torch.cat([p[key] for p in loaded]) for key in ("states", "rows", "guidance"))
+        loaded[0]["stops"],
+        *(torch.cat([p[key] for p in loaded]) for key in ("states", "rows", "negative_rows", "guidance")),
     )
 
 
-TRAJECTORY_SETTINGS = ("teacher", "teacher_steps", "student_steps", "guidance_low", "guidance_high", "seed")
+TRAJECTORY_SETTINGS = (
+    "teacher", "teacher_steps", "student_steps", "guidance_low", "guidance_high", "negative_share", "seed"
+)  # fmt: skip
 
 
 def check_trajectory_settings(cfg: DistillConfig, folder: Path) -> None:
@@ -239,9 +264,10 @@ def build_student(init: TrainedModel, teacher: TrainedModel) -> UNet:
     check_compatible(teacher.saved.text_encoder, init.encoder.record)
     if init.saved.diffusion.num_train_timesteps != teacher.saved.diffusion.num_train_timesteps:
         raise UserError(f"--init {init.path} has another number of timesteps than --teacher {teacher.path}")
-    net = UNet(dataclasses.replace(init.saved.unet, distilled=True))
+    net = UNet(dataclasses.replace(init.saved.unet, distilled=True, negative_input=True))
     missing, unexpected = net.load_state_dict(init.saved.ema_weights, strict=False)
-    assert not unexpected and all(name.startswith("jump_mlp.") for name in missing), (missing, unexpected)
+    new = ("jump_mlp.", "negative_mlp.")
+    assert not unexpected and all(name.startswith(new) for name in missing), (missing, unexpected)
     return net
 
 
@@ -305,9 +331,8 @@ class StudentTraining:
         (t, s), (at_t, at_s) = self.jumps[jump].T, positions[jump].T
         x_t, x_s = data.states[pick, at_t], data.states[pick, at_s]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = distillation_loss(
-                self.net, self.diffusion, x_t, x_s, t, s, table[data.rows[pick]], data.guidance[pick]
-            )
+            context, negative = table[data.rows[pick]], table[data.negative_rows[pick]]
+            loss = distillation_loss(self.net, self.diffusion, x_t, x_s, t, s, context, data.guidance[pick], negative)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)

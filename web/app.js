@@ -155,6 +155,7 @@ let sketchSteps = null; // the fast model's steps, from /api/config (null: no fa
 let sketching = null; // the AbortController of the sketch in flight
 let sketchTimer = null; // the pending keystroke's sketch
 let sketchDelay = 10; // ms: keystrokes closer than this make one sketch (from /api/config)
+let sketchNegative = false; // whether the fast model reads the negative prompt (from /api/config)
 
 function handle(event, data, body, started) {
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
@@ -193,8 +194,9 @@ function scheduleSketch() {
   clearTimeout(sketchTimer);
   sketching?.abort(); // whatever it draws is stale now, even when the prompt is erased
   if (sketchSteps === null || !$("as_you_type").checked || running || !$("prompt").value.trim()) return;
-  // the fast model samples its own way and takes no negative prompt: only the prompt, scale, seed and count go
-  const body = { ...formBody(), sampler: undefined, negative_prompt: undefined, steps: sketchSteps };
+  // the fast model samples its own way: the prompt, negative prompt (if it reads one), scale, seed and count go
+  const negative = sketchNegative ? $("negative_prompt").value : undefined;
+  const body = { ...formBody(), sampler: undefined, negative_prompt: negative, steps: sketchSteps };
   sketchTimer = setTimeout(() => sketch(body), sketchDelay);
 }
 
@@ -288,6 +290,7 @@ async function loadConfig() {
   if (config.sketch) {
     sketchSteps = config.sketch.steps;
     sketchDelay = config.sketch.delay_ms;
+    sketchNegative = config.sketch.negative_prompt;
     $("sketch_model").textContent = config.sketch.model;
     $("sketch_steps").textContent = sketchSteps;
     $("as_you_type_label").hidden = $("sketch_footer").hidden = false;
@@ -307,6 +310,6 @@ $("dice").addEventListener("click", () => {
 $("view").addEventListener("change", () => grid.draw());
 form.addEventListener("input", (event) => {
   event.target.removeAttribute("aria-invalid");
-  if (["prompt", "guidance_scale", "seed", "num_samples"].includes(event.target.id)) scheduleSketch();
+  if (["prompt", "negative_prompt", "guidance_scale", "seed", "num_samples"].includes(event.target.id)) scheduleSketch();
 });
 loadConfig().catch((err) => showError(`cannot load the page's settings: ${err.message}`));
