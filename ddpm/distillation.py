@@ -4,7 +4,9 @@ A student samples with DDIM (eta = 0, trailing spacing) in N steps, N one of a f
 Each of its steps jumps from timestep t to the next timestep s of its N-step grid (s = -1: clean
 data), and the student is told both t and s, and the guidance scale w (Meng et al. 2023, "On
 Distillation of Guided Diffusion Models", section 4.1: w as an input of the student), so that one
-network serves every step count and scale with no unconditional pass.
+network serves every step count and scale with no unconditional pass. It is also told the negative
+prompt that took the unconditional prompt's place in the teacher's guidance (the empty prompt: plain
+guidance), so that a negative prompt steers it as it steers the teacher.
 
 Its target for a jump is the teacher's: the teacher's guided probability-flow ODE solved from the
 same x_t, at many steps, passes through x_s. One DDIM step from x_t with the prediction x0 lands on

@@ -4,11 +4,14 @@ Two stages, each resumable, both in one output folder:
 
 1. ``trajectories/part_PPPP.pt``: the teacher's guided probability-flow ODE (DPM-Solver++(2M),
    ``teacher_steps`` trailing steps), solved from seeded noise for captions drawn as training draws
-   them and guidance scales drawn uniformly from [guidance_low, guidance_high]; each part keeps the
+   them, guidance scales drawn uniformly from [guidance_low, guidance_high] and, in ``negative_share``
+   of them, a negative prompt (a caption that names no digit) guiding away in place of the empty
+   prompt; each part keeps the
    states where the student's steps start and the clean endpoint. A part is written atomically, and a
    resumed run keeps the parts already written.
-2. ``checkpoints/checkpoint_step_SSSSSSSS.pt``: the student, a UNet with ``distilled`` inputs started
-   from ``init`` (a smaller model of the same data and text encoder: its weights, v-prediction), trained
+2. ``checkpoints/checkpoint_step_SSSSSSSS.pt``: the student, a UNet with ``distilled`` and ``negative_input``
+   inputs started from ``init`` (a smaller model of the same data and text encoder, or an earlier student:
+   its weights, v-prediction), trained
    on random (trajectory, jump) pairs with ``distillation_loss``; the EMA weights sample.
 """
 
