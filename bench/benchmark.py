@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from data.shapes import IMAGE_SHAPE, IMAGE_SIZE, TEXT_DIM, TEXT_TOKENS
 from ddpm import SAMPLERS, GaussianDiffusion, generate
 from models.unet import UNet
-from runtime.devices import COMPILE_CHOICES, PRECISIONS, pick_device, use_bf16, use_compile
+from runtime.devices import COMPILE_CHOICES, PRECISIONS, device_name, pick_device, use_bf16, use_compile
 from runtime.errors import UserError, run_cli
 from runtime.files import atomic_write, prove_writable, remove_created
 from runtime.flags import CliParser
@@ -383,15 +382,7 @@ def epoch_time(args: argparse.Namespace, device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-        if line.startswith("model name")
-    ]
-    return f"{names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{device_name(device)}, {torch.get_num_threads()} threads"
 
 
 def print_report(r: dict) -> None:

@@ -43,7 +43,7 @@ from evaluation.judge import judge_images, load_judge
 from evaluation.metrics import conditional_accuracy
 from models.loading import load_trained_model
 from models.unet import UNet
-from runtime.devices import PRECISION_HELP, PRECISIONS, pick_device, use_bf16
+from runtime.devices import PRECISION_HELP, PRECISIONS, device_name, pick_device, use_bf16
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser
 from training.config import TrainConfig
@@ -142,7 +142,7 @@ def main() -> None:
         f"{what}, {params:.2f} M params; {args.num_images} images, guidance {args.guidance_scale} at "
         f"{low:g} < sigma <= {high:g} (2 network calls per guided image-step), batch {args.batch_size}, "
         f"{args.spacing} spacing, threshold "
-        f"{args.threshold}, {'bf16' if bf16 else 'fp32'}; {device.type} with "
+        f"{args.threshold}, {'bf16' if bf16 else 'fp32'}; {device_name(device)} with "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
     )
     print("| sampler | steps | s / 100 images | images / s | accuracy |")

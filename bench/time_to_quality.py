@@ -14,14 +14,13 @@ is the share of samples with a stray speck of ink (evaluation/specks.py).
 from __future__ import annotations
 
 import json
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from runtime.devices import cpu_kind
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser, require_positive
 
@@ -38,14 +37,6 @@ def parse_args(argv: list[str]):
     require_positive(args, ("eval_samples",))
     args.train_flags = extra
     return args
-
-
-def cpu_kind() -> str:
-    """The CPU's model name and the flags that decide its speed here (AVX512-BF16 or AVX2 only)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx2)\b", text)))
-    return f"{name or platform.machine()} ({', '.join(flags) or 'no AVX2'})"
 
 
 def main() -> None:

@@ -46,15 +46,35 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU kind a benchmark names beside its times: "AVX512-BF16", "AVX2", or "AVX2 emulated on AVX512"
-    (``ATEN_CPU_CAPABILITY=avx2`` on an AVX512 machine: about 1.55x too fast for training, docs/speed.md)."""
+    """The CPU a benchmark names beside its times: its kind, "AVX512-BF16", "AVX2" or "AVX2 emulated on
+    AVX512" (``ATEN_CPU_CAPABILITY=avx2`` on an AVX512 machine), then its model name, family and model.
+
+    The generation matters as much as the kind: two AVX2-only AMD EPYCs of this project trained the
+    quick start at 202-207 and at 335-378 img/s (docs/speed.md)."""
     try:
-        flags = set(re.findall(r"^flags\s*:(.*)$", cpuinfo.read_text(), flags=re.MULTILINE)[0].split())
+        text = cpuinfo.read_text()
+        flags = set(re.findall(r"^flags\s*:(.*)$", text, flags=re.MULTILINE)[0].split())
     except (OSError, IndexError):
         return f"unknown CPU (PyTorch's {torch.backends.cpu.get_cpu_capability()} kernels)"
     if torch.backends.cpu.get_cpu_capability() == "AVX2" and "avx512f" in flags:
-        return "AVX2 emulated on AVX512"
-    return "AVX512-BF16" if cpu_has_native_bf16(cpuinfo) else "AVX2" if "avx2" in flags else "neither AVX2 nor AVX512"
+        kind = "AVX2 emulated on AVX512"
+    elif cpu_has_native_bf16(cpuinfo):
+        kind = "AVX512-BF16"
+    else:
+        kind = "AVX2" if "avx2" in flags else "neither AVX2 nor AVX512"
+    name, family, model = (_cpuinfo_field(text, key) for key in ("model name", "cpu family", "model"))
+    described = ", ".join(filter(None, (name, family and model and f"family {family} model {model}")))
+    return f"{kind} ({described})" if described else kind
+
+
+def device_name(device: torch.device) -> str:
+    """What a benchmark names beside its times: the GPU's name, or the CPU's (``cpu_kind``)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_kind()
+
+
+def _cpuinfo_field(text: str, key: str) -> str | None:
+    match = re.search(rf"^{key}\s*:\s*(.*)$", text, flags=re.MULTILINE)
+    return match.group(1).strip() if match else None
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
