@@ -16,9 +16,11 @@ the captions it was trained on. The three today:
   gives the plain wordings, so "7" keeps meaning every 7), in several wordings ("a thin 7 slanted
   left", "a thin seven slanted left", "thin 7 slanted left", and without the digit, "thin slanted
   left", which gives negative prompts such as "thick" their meaning).
-- ``free-text`` (default): those, and as many again generated (``FreeText``): synonyms ("bold",
+- ``free-text``: those, and as many again generated (``FreeText``): synonyms ("bold",
   "italic"), other frames ("draw a 7"), other word orders, and words the model cannot use, drawn from
   the tokenizer's own BPE vocabulary, so that a prompt typed freely still gets its digit.
+- ``free-text-2`` (default): ``free-text`` with frame words dropped at random and three more frames.
+- ``free-text-3``: ``free-text-2`` saying a trained synonym more often; measured, not taken (docs/prompts.md).
 
 Held out: some (digit, attribute value) pairs appear in no caption ("thick" with 4, "wide" with 1,
 ...). Those images are still trained on, under their other words, so a held-out prompt joins a word
@@ -106,6 +108,9 @@ class FreeText:
     distractor_counts: tuple[int, ...] = (0, 0, 1, 1, 2)  # a variant's number of distractors, drawn uniformly
     seed: int = 0
     word_dropout: float = 0.0  # the chance that each word of a variant's frame is left out
+    # the chance that a variant says an attribute by a trained synonym rather than its word (None: the word and
+    # its synonyms alike). The canonical captions always say the word, so a synonym is rarer than its share here.
+    synonym_share: float | None = None
 
     def words_for(self, word: str) -> tuple[str, ...]:
         """An attribute's word and its trained synonyms."""
@@ -128,7 +133,7 @@ class FreeText:
 
     def _variant(self, vocabulary: Vocabulary, rng: np.random.Generator, digit: int, style: Style,
                  pool: Sequence[str]) -> str | None:  # fmt: skip
-        said = [_pick(rng, self.words_for(a.word(v))) for a, v in zip(vocabulary.attributes, style) if v]
+        said = [self._say(rng, a.word(v)) for a, v in zip(vocabulary.attributes, style) if v]
         swapped = [rng.random() < 0.25 for _ in said]
         before = [w for w, swap in zip(said, swapped) if (" " not in w) != swap]
         after = [w for w, swap in zip(said, swapped) if (" " not in w) == swap]
@@ -142,6 +147,13 @@ class FreeText:
         while not fits(" ".join(placed)) and distractors:  # fewer distractors until the caption fits
             placed.remove(distractors.pop())
         return " ".join(placed) if fits(" ".join(placed)) else None
+
+    def _say(self, rng: np.random.Generator, word: str) -> str:
+        """An attribute's word or one of its trained synonyms, as ``synonym_share`` says."""
+        synonyms = dict(self.synonyms).get(word, ())
+        if self.synonym_share is None or not synonyms:  # one draw: the stream of earlier vocabularies
+            return _pick(rng, (word, *synonyms))
+        return _pick(rng, synonyms) if rng.random() < self.synonym_share else word
 
     def _frame_words(self, rng: np.random.Generator, frame: str) -> tuple[list[str], list[str]]:
         """The words of ``frame`` before and after the digit's phrase, each kept with 1 - word_dropout."""
@@ -241,6 +253,8 @@ class Vocabulary:
             definition["free_text"] = dataclasses.asdict(self.free_text)
             if not self.free_text.word_dropout:  # added since "free-text", whose fingerprint stands
                 del definition["free_text"]["word_dropout"]
+            if self.free_text.synonym_share is None:  # added since "free-text-2", whose fingerprint stands
+                del definition["free_text"]["synonym_share"]
         return hashlib.sha256(json.dumps(definition).encode()).hexdigest()[:16]
 
     def style_prompt(self, digit: int | None, style: Style) -> str:
@@ -357,6 +371,7 @@ _FREE_TEXT_2 = dataclasses.replace(
     ),  # new frames of trained words only, so that the distractor words stay those of "free-text"
     word_dropout=0.25,
 )
+_FREE_TEXT_3 = dataclasses.replace(_FREE_TEXT_2, synonym_share=0.75)
 _FREE_TEXT_HELD_OUT_WORDINGS = (
     *_HELD_OUT_WORDINGS,
     "number {word}",
@@ -393,6 +408,14 @@ VOCABULARIES: dict[str, Vocabulary] = {
             attributes=_STYLE_ATTRIBUTES,
             held_out_pairs=_HELD_OUT_PAIRS,
             free_text=_FREE_TEXT_2,
+        ),
+        Vocabulary(
+            "free-text-3",  # free-text-2 whose variants say a trained synonym three times in four
+            _PLAIN_WORDINGS,
+            _FREE_TEXT_HELD_OUT_WORDINGS,
+            attributes=_STYLE_ATTRIBUTES,
+            held_out_pairs=_HELD_OUT_PAIRS,
+            free_text=_FREE_TEXT_3,
         ),
     )
 }

@@ -29,7 +29,7 @@ from evaluation.prompts import evaluate_prompts, prompt_summary, prompt_tables, 
 from text2digit import NotOneDigit, PromptTooLong, Request
 
 FREE = VOCABULARIES["free-text-2"]
-EVERY_FREE_TEXT = pytest.mark.parametrize("vocabulary", ["free-text", "free-text-2"])
+EVERY_FREE_TEXT = pytest.mark.parametrize("vocabulary", ["free-text", "free-text-2", "free-text-3"])
 SYNONYMS = dict(FREE.free_text.synonyms)
 HELD_OUT_SYNONYMS = dict(FREE.free_text.held_out_synonyms)
 
@@ -108,6 +108,23 @@ def test_word_dropout_leaves_frame_words_out_and_never_the_digit_or_a_style_word
     cut = frames_cut("free-text-2")
     assert len(cut) > 5 and {p.split()[-1] for p in cut} & set(DIGIT_WORDS)
     assert not {p for d in range(10) for p in prompts_for(d, ["digit {word}", "number {word}"])} & set(cut)
+
+
+@pytest.mark.parametrize(("vocabulary", "low", "high"), [("free-text-2", 0.55, 0.68), ("free-text-3", 0.71, 0.79)])
+def test_a_variant_says_a_trained_synonym_as_often_as_its_vocabulary_says(vocabulary, low, high):
+    """free-text-2 draws an attribute's word and its synonyms alike (two in three for "thick", one in two for
+    "wide"); free-text-3 says a synonym three times in four (synonym_share)."""
+    free = VOCABULARIES[vocabulary]
+    by_synonym = []
+    for digit in range(10):
+        for style in free.styles:
+            for caption in free.free_text.variants_of(free, digit, style):
+                text = f" {caption} "
+                for i, value in ((i, v) for i, v in enumerate(style) if v):
+                    word = free.attributes[i].word(value)
+                    if f" {word} " in text or any(f" {s} " in text for s in SYNONYMS.get(word, ())):
+                        by_synonym.append(f" {word} " not in text)
+    assert len(by_synonym) > 2000 and low < np.mean(by_synonym) < high, np.mean(by_synonym)
 
 
 @pytest.mark.parametrize(
