@@ -5,7 +5,7 @@ from, and the plans by which evaluation prompts the model.
 A vocabulary is a named, frozen definition (``Vocabulary``) in ``VOCABULARIES``; the config key
 ``captions`` names one, and a checkpoint records its name and ``fingerprint``. A vocabulary that a
 model was trained on is never edited: other captions are another entry, so a checkpoint keeps meaning
-the captions it was trained on. The three today:
+the captions it was trained on. The five today:
 
 - ``digits``: the digit alone, in eight wordings ("7", "seven", "the digit 7", "a handwritten seven", ...).
   What checkpoints from before the style captions were trained with.
@@ -150,10 +150,10 @@ class FreeText:
 
     def _say(self, rng: np.random.Generator, word: str) -> str:
         """An attribute's word or one of its trained synonyms, as ``synonym_share`` says."""
-        synonyms = dict(self.synonyms).get(word, ())
-        if self.synonym_share is None or not synonyms:  # one draw: the stream of earlier vocabularies
-            return _pick(rng, (word, *synonyms))
-        return _pick(rng, synonyms) if rng.random() < self.synonym_share else word
+        words = self.words_for(word)
+        if self.synonym_share is None or len(words) == 1:  # one draw: the stream of earlier vocabularies
+            return _pick(rng, words)
+        return _pick(rng, words[1:]) if rng.random() < self.synonym_share else word
 
     def _frame_words(self, rng: np.random.Generator, frame: str) -> tuple[list[str], list[str]]:
         """The words of ``frame`` before and after the digit's phrase, each kept with 1 - word_dropout."""
