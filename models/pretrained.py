@@ -34,12 +34,9 @@ from runtime.flags import CliParser
 RECIPES = {
     "mnist": "python train.py --config configs/mnist.yaml",  # the seed's recipe: the model the commands load
     "cpu": "python train.py --config configs/cpu.yaml",  # the README's quick start (make demo)
-    # the shipped model distilled into a cpu.pt-sized student that samples in 1, 2 or 4 steps (distill.py): the
-    # first student, made without negative prompts, taught them (docs/distillation.md#what-it-costs)
-    "fast": (
-        "python distill.py --init outputs/fast_v1.pt --train_steps 1500 --learning_rate 3e-4, where "
-        "outputs/fast_v1.pt is `git show 1d3d6f9:models/pretrained/fast.pt` (python distill.py at 5620d95)"
-    ),
+    # the shipped model distilled into a cpu.pt-sized student that samples in 1, 2 or 4 steps, guided away from
+    # negative prompts too (distill.py's defaults: docs/distillation.md)
+    "fast": "python distill.py",
     # a bad version of the same data, small and briefly trained, for autoguidance (Karras et al. 2024)
     "guide": (
         "python train.py --config configs/cpu.yaml --num_epochs 4 --timestep_sampling uniform, "
