@@ -263,6 +263,8 @@ def evaluate(args, path: Path, device: torch.device, start: float) -> None:
     """Sample, score and report ``path``'s model at every guidance scale asked for."""
     pipe = Text2Digit.from_checkpoint(path, str(device), args.precision, guide=args.guide_checkpoint)
     model = pipe.model
+    args.options = [options.with_steps(pipe.default_steps) for options in args.options]  # the model's own default
+    args.steps = args.options[0].steps
     with refused_as(flag):  # what only the model can tell (its timesteps; a distilled one's step counts)
         pipe.check(Request((canonical_prompt(7),), options=args.options[0]))
     args.sampler = pipe.sampled_with(args.options[0]).sampler  # a distilled model samples its own way

@@ -117,15 +117,16 @@ def main() -> None:
 def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> None:
     path = find_model(args.checkpoint, args.output_dir)
     pipe = Text2Digit.from_checkpoint(path, str(device), args.precision, args.text_encoder, args.guide_checkpoint)
+    request = pipe.resolved(args.request)  # the model's own steps where none were asked for
     with refused_as(flag):  # what only the model can tell: its number of timesteps, the words it knows
-        warnings = pipe.check(args.request)
+        warnings = pipe.check(request)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     warn_about_negative_prompt(args)
-    recorder = TrajectoryRecorder(args.steps) if gif else None
+    recorder = TrajectoryRecorder(request.options.steps) if gif else None
     start = time.perf_counter()
     with refused_as(flag):
-        digits = pipe.generate(args.request, callback=recorder, batch_size=args.batch_size)
+        digits = pipe.generate(request, callback=recorder, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
     save_grid(list(digits), [f'"{p}"' for p in args.prompts], out)
     flat = digits.reshape(-1, *digits.shape[2:])
@@ -135,7 +136,7 @@ def sample(args, device, out: Path, folder: Path | None, gif: Path | None) -> No
         )
     if recorder:
         recorder.save_gif(flat, args.prompts, gif)
-    used = pipe.sampled_with(args.request.options)
+    used = pipe.sampled_with(request.options)
     model = "distilled" if pipe.model.distillation else f"epoch {pipe.model.epoch}"
     print(
         f"{len(flat)} images from {path} ({model}) with {used.sampler}, {used.steps} steps "

@@ -98,7 +98,7 @@ class Body(BaseModel):
         """The pipeline's request, checked by its rules, the model's and the page's limits (InvalidRequest
         otherwise)."""
         values = {FIELDS[name]: from_json(value) for name, value in self.model_dump().items()}
-        request = make_request(**values)
+        request = pipe.resolved(make_request(**values))
         pipe.check(request, max_images=MAX_DIGITS)
         check_work(request)
         return request
@@ -405,6 +405,9 @@ def create_app(
     ``max_pending`` requests queued or running at most; ``sketch``, a distilled model that draws the grid
     while the prompt is typed (``POST /api/sketch``)."""
     worker = Worker(threads, max_pending)
+    defaults = dict(defaults or {})
+    if defaults.get("steps") is None:  # the served model's own: its form shows the steps it samples in
+        defaults["steps"] = pipe.default_steps
     body = body_model(defaults)
     config = page_config(pipe, body, max_pending, sketch)
     job_ids = itertools.count(1)
@@ -523,7 +526,8 @@ def parse_args(argv: list[str]):
     with refused_as(flag):
         args.example = make_request("0", **args.defaults)  # the page's defaults with a prompt
         args.example.validate(max_images=MAX_DIGITS)
-        check_work(args.example)
+        if args.example.options.steps is not None:  # steps left to the model are checked once it is loaded
+            check_work(args.example)
     return args
 
 
@@ -546,6 +550,7 @@ def main() -> None:
     pipe = Text2Digit.from_checkpoint(path, args.device, args.precision, guide=args.guide_checkpoint)
     with refused_as(flag):
         pipe.check(args.example, MAX_DIGITS)
+        check_work(pipe.resolved(args.example))
     app = create_app(pipe, args.threads, args.defaults, sketch=sketch)
     sketching = "" if sketch is None else f"; sketches as you type: {describe(sketch)}"
     print(f"serving text2digit on {url_of(sock)} (model: {describe(pipe)}{sketching})", flush=True)

@@ -30,7 +30,7 @@ from data.images import to_uint8
 from data.prompts import Reader, named
 from data.shapes import IMAGE_SHAPE
 from data.tokens import CONTEXT_LENGTH, truncated_prompt
-from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, SamplingOptions, generate
+from ddpm import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLING, GUIDED_STEPS, SamplingOptions, generate
 from ddpm.distillation import as_sampler_net, ignored_by_student, student_options
 from ddpm.options import InvalidRequest, OutOfRange, check, front_name, option
 from models.checkpoint import SHIPPED
@@ -258,14 +258,26 @@ class Text2Digit:
         images = self.generate(make_request(prompts, **values), callback=callback)
         return [[Image.fromarray(image) for image in row] for row in images] if output == "pil" else images
 
+    @property
+    def default_steps(self) -> int:
+        """The steps a request that names none is sampled in: a distilled student's most (its best), else
+        GUIDED_STEPS."""
+        return max(self.model.distillation["student_steps"]) if self.model.distillation else GUIDED_STEPS
+
+    def resolved(self, request: Request) -> Request:
+        """``request`` with this model's default steps where it names none."""
+        return dataclasses.replace(request, options=request.options.with_steps(self.default_steps))
+
     def check(self, request: Request, max_images: int = MAX_IMAGES) -> list[str]:
         """Validate ``request`` for this model (InvalidRequest otherwise); the warnings to show."""
+        request = self.resolved(request)
         warnings = request.validate(self.model.diffusion.num_train_timesteps, max_images, self.reader(request))
         return warnings + (self._check_student(request) if self.model.distillation else [])
 
     def sampled_with(self, options: SamplingOptions) -> SamplingOptions:
         """What the samplers are given for ``options``: the options themselves, or a distilled student's own
         (ddpm/distillation.py: DDIM on its grid, the guidance scale its input and not the samplers')."""
+        options = options.with_steps(self.default_steps)
         return student_options(options) if self.model.distillation else options
 
     def _check_student(self, request: Request) -> list[str]:
@@ -320,6 +332,7 @@ class Text2Digit:
     ) -> np.ndarray:
         """uint8 [prompts, num_samples, 28, 28] for a request (validated here)."""
         self.check(request)
+        request = self.resolved(request)
         reader = self.reader(request)
         prompts, negative = [reader.read(p) for p in request.prompts], reader.read(request.negative_prompt)
         # a student that reads no negative prompt has no use for the (empty) one's tokens: not encoded at all

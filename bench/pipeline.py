@@ -1,8 +1,8 @@
 """Pipeline benchmark: seconds for 100 digits through ``Text2Digit`` (prompts read and encoded, sampled,
-made uint8), the shipped model at its defaults and its distilled student at each of its step counts, in
-one run. A benchmark, not a test.
+made uint8), the teacher at its defaults and its distilled student (the shipped model) at each of its step
+counts, in one run. A benchmark, not a test.
 
-    python -m bench.pipeline                      # models/pretrained/mnist.pt and fast.pt, fp32, 2 threads
+    python -m bench.pipeline                      # models/pretrained/fast.pt and its teacher, fp32, 2 threads
     python -m bench.pipeline --repeats 5 --threads 1
 
 Each call asks for ten digits of each of ten prompts, one per digit. "new prompts" are ten the pipeline
@@ -24,7 +24,7 @@ import torch
 from data.captions import caption_set
 from data.prompts import named
 from data.shapes import NUM_DIGITS
-from models.checkpoint import PRETRAINED_DIR, SHIPPED
+from models.checkpoint import SHIPPED, TEACHER
 from runtime.devices import PRECISION_HELP, PRECISIONS, cpu_kind
 from runtime.errors import UserError, run_cli
 from runtime.flags import CliParser
@@ -35,8 +35,8 @@ PER_PROMPT = 10  # digits of each of the ten prompts: 100 a call
 
 def parse_args(argv: list[str]):
     p = CliParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=SHIPPED, help="the model sampled at its defaults")
-    p.add_argument("--student", type=Path, default=PRETRAINED_DIR / "fast.pt", help="its distilled student")
+    p.add_argument("--checkpoint", type=Path, default=TEACHER, help="the guided model, sampled at its defaults")
+    p.add_argument("--student", type=Path, default=SHIPPED, help="its distilled student")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is shown)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's setting: 2)")

@@ -1,7 +1,7 @@
 """Serving benchmark: how soon a client sees its first frame and its finished grid, alone and with
 concurrent clients, against a real ``python serve.py`` process on a free port. A benchmark, not a test.
 
-    python -m bench.serve                                   # the shipped model, 20 steps of 8 digits
+    python -m bench.serve                                   # the shipped model at its steps, 8 digits
     python -m bench.serve --clients 4 --requests 5 --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0002.pt
 
 Each request is timed from just before it is sent: to its first ``frame`` event (the first step's
@@ -127,7 +127,7 @@ def table_row(scenario: str, timings: list[Timing], seconds: float) -> str:
 def parse_args(argv: list[str]):
     p = CliParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: the shipped model)")
-    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps)
+    p.add_argument("--steps", type=int, help="steps per request (default: the served model's own)")
     p.add_argument("--num_samples", type=int, default=8, help="digits per request")
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLING.sampler)
     p.add_argument("--requests", type=int, default=10, help="timed requests per client")
@@ -135,7 +135,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=1, help="serve.py --threads (0: torch's default)")
     args = p.parse_args(argv)
-    require_positive(args, ("steps", "num_samples", "requests", "clients"))
+    require_positive(args, ("num_samples", "requests", "clients"))
+    if args.steps is not None:
+        require_positive(args, ("steps",))
     return args
 
 
@@ -143,8 +145,9 @@ def main() -> None:
     args = parse_args(sys.argv[1:])
     flags = ["--precision", args.precision, "--threads", str(args.threads)]
     flags += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else []
-    body = {"prompt": "7", "steps": args.steps, "num_samples": args.num_samples, "sampler": args.sampler}
     with running_server(*flags) as url:
+        args.steps = args.steps or httpx.get(f"{url}/api/config").json()["defaults"]["steps"]
+        body = {"prompt": "7", "steps": args.steps, "num_samples": args.num_samples, "sampler": args.sampler}
         client_run(url, body, 1)  # warm-up: first-call allocations, the tokenizer's caches
         start = time.perf_counter()
         alone = client_run(url, body, args.requests)

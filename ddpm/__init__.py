@@ -4,6 +4,7 @@ from ddpm.diffusion import PREDICTIONS, TIMESTEP_SAMPLINGS, DiffusionConfig, Gau
 from ddpm.generation import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SAMPLING,
+    GUIDED_STEPS,
     SamplingOptions,
     generate,
     image_generator,
@@ -16,6 +17,7 @@ from ddpm.schedule import cosine_beta_schedule
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_SAMPLING",
+    "GUIDED_STEPS",
     "PREDICTIONS",
     "SAMPLERS",
     "SPACINGS",

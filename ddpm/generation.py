@@ -20,6 +20,7 @@ from ddpm.options import OutOfRange, check, option
 from ddpm.samplers import SAMPLERS, SPACINGS, THRESHOLDS, Callback
 
 MAX_GUIDANCE_SCALE = 30.0
+GUIDED_STEPS = 20  # a guided model's steps when none are asked for (a distilled student has its own)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,12 @@ class SamplingOptions:
 
     # the SDE solver: the ODE's carries the network's errors to the end as stray specks (docs/results.md)
     sampler: str = option("dpmpp_2m_sde", help="the sampler (ddpm/samplers.py)", choices=tuple(SAMPLERS))
-    steps: int = option(20, help="sampling steps (network calls per image)", low=1)
+    # None: the model's own default, GUIDED_STEPS for a guided model, the most a distilled student samples in
+    steps: int | None = option(
+        None,
+        help=f"sampling steps (network calls per image; default {GUIDED_STEPS}, a distilled model its most, 4)",
+        low=1,
+    )
     # beyond 30 every update is a step far outside the data: the x0 prediction only saturates
     guidance_scale: float = option(6.0, help="classifier-free guidance scale s", low=0, high=MAX_GUIDANCE_SCALE)
     spacing: str = option("trailing", help="which timesteps the steps visit", choices=SPACINGS)
@@ -72,9 +78,13 @@ class SamplingOptions:
     def replace(self, **changes) -> SamplingOptions:
         return dataclasses.replace(self, **changes)
 
+    def with_steps(self, default: int) -> SamplingOptions:
+        """These options with ``default`` steps where they ask for none (the model's own default)."""
+        return self if self.steps is not None else self.replace(steps=default)
+
     def check_model(self, num_train_timesteps: int) -> None:
         """Raise OutOfRange if a model of ``num_train_timesteps`` cannot take these options."""
-        if self.steps > num_train_timesteps:
+        if self.steps is not None and self.steps > num_train_timesteps:
             raise OutOfRange(
                 "steps",
                 "{steps} {value} exceeds the model's {t} training timesteps; use at most {t}",
@@ -133,7 +143,7 @@ def generate(
     guide_net: NetFn | None = None,
 ) -> torch.Tensor:
     """Sample one image of ``image_shape`` ([C, H, W]) per row of ``cond`` ([N, L, D] text tokens)
-    with classifier-free guidance, as ``options`` say.
+    with classifier-free guidance, as ``options`` say (``GUIDED_STEPS`` steps where they name none).
 
     Images live in [-1, 1], so x0 predictions are clipped there by default (``threshold``): at the
     first trailing step (t = T - 1, where the capped cosine schedule leaves sqrt(alpha_bar) ~ 5e-5)
@@ -147,6 +157,7 @@ def generate(
     network (ddpm/guidance.py), in place of the unconditional prompt. Returns [N, C, H, W] in [-1, 1].
     """
     device = cond.device
+    options = options.with_steps(GUIDED_STEPS)
     sample_fn = SAMPLERS[options.sampler]
     indices = range(len(cond)) if image_indices is None else image_indices
     out = []

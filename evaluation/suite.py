@@ -100,13 +100,18 @@ def evaluate_during_training(
     judge, reference = judge_and_reference(data_dir, device)
     plan = plan_prompts(per_digit, {"seen": templates})
     seen = score(to_uint8(sample(plan.prompts)), plan, judge, reference)["sets"]["seen"]
+    return {**summary_fields(seen, "eval_"), "eval_seconds": time.perf_counter() - start}
+
+
+def summary_fields(scores: dict, prefix: str) -> dict[str, float]:
+    """One group's scores (:func:`group_scores`) as flat fields named ``prefix``+name: accuracy, the distance
+    and its floor, the sample count, the median thickness and width over the real digits', the speck rate."""
     return {
-        "eval_accuracy": seen["accuracy"],
-        "eval_fmd": seen["fmd"],
-        "eval_fmd_floor": seen["fmd_floor"],
-        "eval_samples": seen["samples"],
-        "eval_thickness_ratio": seen["shape"]["thickness"] / seen["real_shape"]["thickness"],
-        "eval_width_ratio": seen["shape"]["width"] / seen["real_shape"]["width"],
-        "eval_speck_rate": seen["speck_rate"],
-        "eval_seconds": time.perf_counter() - start,
+        f"{prefix}accuracy": scores["accuracy"],
+        f"{prefix}fmd": scores["fmd"],
+        f"{prefix}fmd_floor": scores["fmd_floor"],
+        f"{prefix}samples": scores["samples"],
+        f"{prefix}thickness_ratio": scores["shape"]["thickness"] / scores["real_shape"]["thickness"],
+        f"{prefix}width_ratio": scores["shape"]["width"] / scores["real_shape"]["width"],
+        f"{prefix}speck_rate": scores["speck_rate"],
     }

@@ -64,7 +64,9 @@ ALWAYS_KEYS = ("config", "ema", "text_encoder", "epoch")  # in every format
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT_DIR = Path("outputs/mnist")  # train.py's, and where the commands look for a checkpoint
 PRETRAINED_DIR = ROOT / "models" / "pretrained"  # the shipped models, each re-made by ``python -m models.pretrained``
-SHIPPED = PRETRAINED_DIR / "mnist.pt"  # the one the commands load when none is named (the seed's recipe)
+TEACHER = PRETRAINED_DIR / "mnist.pt"  # the shipped guided model, which distill.py distils into the student
+# the one the commands load when none is named: the student, which matches or beats its teacher in 4 passes
+SHIPPED = PRETRAINED_DIR / "fast.pt"
 EPOCH_NAME = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 STEP_NAME = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 
@@ -319,7 +321,8 @@ def find_model(checkpoint: Path | None, output_dir: Path | None) -> Path:
     1. ``--checkpoint PATH``: that file;
     2. else the newest intact checkpoint in ``--output_dir`` (default ``outputs/mnist``);
     3. else, only when no ``--output_dir`` was named, the model that ships with the repository
-       (``models/pretrained/mnist.pt``), said in one line on stderr, so that a fresh clone samples at
+       (``models/pretrained/fast.pt``, the distilled student; its teacher is ``--checkpoint
+       models/pretrained/mnist.pt``), said in one line on stderr, so that a fresh clone samples at
        once. A folder that was named must hold a checkpoint (UserError otherwise): a typo there
        should not quietly load someone else's model.
     """
@@ -333,7 +336,7 @@ def find_model(checkpoint: Path | None, output_dir: Path | None) -> Path:
         raise no_checkpoint_error(folder)
     print(
         f"no checkpoint in {checkpoint_dir(folder)}: using the shipped model {SHIPPED.relative_to(ROOT)} "
-        f"({shipped_record()['command']}; see its .json)",
+        f"({shipped_record()['command']}; see its .json; its teacher: --checkpoint {TEACHER.relative_to(ROOT)})",
         file=sys.stderr,
     )
     return SHIPPED

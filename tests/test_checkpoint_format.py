@@ -205,7 +205,7 @@ def test_the_model_a_command_loads_follows_the_one_rule(tmp_path, monkeypatch, c
     with pytest.raises(UserError, match=f"no checkpoint in {run / 'checkpoints'}; train first"):
         find_model(None, run)  # a named folder without a checkpoint: no fallback
     assert find_model(None, None) == SHIPPED  # nothing named and nothing trained: the shipped model, said once
-    assert capsys.readouterr().err.count("using the shipped model models/pretrained/mnist.pt") == 1
+    assert capsys.readouterr().err.count("using the shipped model models/pretrained/fast.pt") == 1
     write_untrained_checkpoint(run / "checkpoints" / "checkpoint_epoch_0001.pt")  # step 0
     shutil.copy(V1 / "checkpoint_step_00000003.pt", run / "checkpoints")
     assert find_model(None, run) == run / "checkpoints" / "checkpoint_step_00000003.pt"  # the highest step

@@ -272,6 +272,7 @@ def test_output_names_keep_their_form_and_add_other_options_only_when_changed():
         == "checkpoint_epoch_0002_eval_dpmpp_2m_sde_2steps_cfg1-3_n3_seed5.json"
     )
     args = evaluate.parse_args(["--threshold", "none", "--guidance_interval", "0", "inf", "--guidance_scale", "2"])
+    args.steps = 20  # no --steps: evaluate() names the model's own default (a guided model's 20) once it is loaded
     assert evaluate.output_path(args, path, ".png").name == (
         "checkpoint_epoch_0002_eval_dpmpp_2m_sde_20steps_cfg2_n100_seed0_thresholdnone_guidance_interval0-inf.png"
     )

@@ -13,7 +13,7 @@ from PIL import Image
 from data.captions import VOCABULARIES
 from data.prompts import Reader
 from evaluation.judge import judge_images, load_judge
-from models.checkpoint import PRETRAINED_DIR, SHIPPED, shipped_record
+from models.checkpoint import PRETRAINED_DIR, SHIPPED, TEACHER, shipped_record
 from models.pretrained import RECIPES
 from runtime.errors import UserError
 from tests.helpers import ROOT, state_bytes, train_tiny, write_untrained_checkpoint
@@ -43,20 +43,20 @@ def test_the_shipped_model_draws_the_prompted_digits(pipe):
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_each_shipped_file_is_what_its_record_says(name):
-    """The default model (the seed's recipe), its guide and the quick start's record, each small (fp16 EMA
-    weights)."""
+    """The default model (the distilled student), its teacher, the teacher's guide and the quick start's record,
+    each small (fp16 EMA weights)."""
     path = PRETRAINED_DIR / f"{name}.pt"
     record = shipped_record(path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
     assert record["command"] == RECIPES[name] and record["vocabulary"]["name"] == "free-text-2"
     assert path.stat().st_size < 8 * 2**20
-    assert SHIPPED == PRETRAINED_DIR / "mnist.pt"
+    assert (SHIPPED, TEACHER) == (PRETRAINED_DIR / "fast.pt", PRETRAINED_DIR / "mnist.pt")
 
 
-def test_the_shipped_guide_guides_the_shipped_model():
-    """guide.pt is a model of the same text features and schedule (else loading it as a guide fails), and
-    autoguided sevens are sevens."""
-    pipe = Text2Digit.from_checkpoint(guide=PRETRAINED_DIR / "guide.pt")
+def test_the_shipped_guide_guides_the_teacher():
+    """guide.pt is a model of the same text features and schedule as the teacher (else loading it as a guide
+    fails), and autoguided sevens are sevens."""
+    pipe = Text2Digit.from_checkpoint(TEACHER, guide=PRETRAINED_DIR / "guide.pt")
     assert pipe.guide is not None and pipe.guide.epoch == 1
     images = pipe("7", num_samples=10, seed=0)[0]
     logits, _ = judge_images(load_judge(), images)
@@ -64,19 +64,21 @@ def test_the_shipped_guide_guides_the_shipped_model():
 
 
 def test_same_seed_same_digits_and_a_callback_per_step(pipe):
-    steps = []
-    a = pipe("3", num_samples=4, steps=6, seed=1, callback=lambda i, t, x_t, x0: steps.append((i, t, x0.shape)))
-    b = pipe("3", num_samples=4, steps=6, seed=1)
-    assert np.array_equal(a, b) and not np.array_equal(a, pipe("3", num_samples=4, steps=6, seed=2))
-    assert [(i, shape) for i, _, shape in steps] == [(i, (4, 28, 28)) for i in range(6)]
-    shared = pipe(["3", "a thick 3"], num_samples=2, steps=6, seed=1, shared_noise=True)
-    assert np.array_equal(shared[0], a[0, :2])  # the first prompt's images are unchanged
+    """The shipped student at its default steps, 4, and the same for its teacher at 6 steps."""
+    for model, options in ((pipe, {}), (Text2Digit.from_checkpoint(TEACHER), {"steps": 6})):
+        steps = []
+        a = model("3", num_samples=4, seed=1, callback=lambda i, t, x_t, x0: steps.append((i, t, x0.shape)), **options)
+        b = model("3", num_samples=4, seed=1, **options)
+        assert np.array_equal(a, b) and not np.array_equal(a, model("3", num_samples=4, seed=2, **options))
+        assert [(i, shape) for i, _, shape in steps] == [(i, (4, 28, 28)) for i in range(options.get("steps", 4))]
+        shared = model(["3", "a thick 3"], num_samples=2, seed=1, shared_noise=True, **options)
+        assert np.array_equal(shared[0], a[0, :2])  # the first prompt's images are unchanged
 
 
 def test_words_the_model_never_saw_are_left_out_for_the_random_text_tower_unless_kept(pipe):
     """The shipped model's tower is the seeded random one: "a faint 7" is encoded as "a 7", bitwise; kept, the
     unknown word changes what the encoder gives, and so the digits."""
-    settings = {"num_samples": 2, "steps": 3, "seed": 5}
+    settings = {"num_samples": 2, "steps": 1, "seed": 5}
     assert pipe.model.encoder.kind == "random" and "faint" not in pipe.model.vocabulary.known_words
     read = pipe("a faint 7", **settings)
     assert np.array_equal(read, pipe("a 7", **settings)) and np.array_equal(

@@ -90,7 +90,7 @@ def test_without_a_run_the_shipped_model_samples_but_a_named_empty_folder_is_an_
     named but holds no checkpoint is a mistake (a typo, a run not started) and an error."""
     monkeypatch.chdir(tmp_path)  # no outputs/mnist here
     run_sample(monkeypatch, "--prompt", "7", "--num_samples", "2", "--steps", "2", "--out", tmp_path / "grid.png")
-    assert "using the shipped model models/pretrained/mnist.pt" in capsys.readouterr().err
+    assert "using the shipped model models/pretrained/fast.pt" in capsys.readouterr().err
     assert Image.open(tmp_path / "grid.png").size[1] > 28
     with pytest.raises(UserError, match="no checkpoint in .*empty/checkpoints; train first"):
         run_sample(monkeypatch, "--prompt", "7", "--output_dir", tmp_path / "empty", "--out", tmp_path / "b.png")

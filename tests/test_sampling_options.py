@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 import evaluate
 import sample
 import serve
-from ddpm import DEFAULT_SAMPLING, SamplingOptions
+from ddpm import DEFAULT_SAMPLING, GUIDED_STEPS, SamplingOptions
 from ddpm.options import declared, to_json
 from runtime.errors import UserError
 from text2digit import InvalidRequest, Request, Text2Digit, flag, make_request, spelled
@@ -55,10 +55,14 @@ PARSE = {"sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args, "se
 
 
 class ModelOf1000Steps:
-    """What serve's body asks of a pipeline: its check of a request, here for a model of 1000 timesteps."""
+    """What serve's body asks of a pipeline: its check of a request, here for a guided model of 1000 timesteps,
+    and its default steps."""
 
     def check(self, request: Request, max_images: int) -> list[str]:
         return request.validate(1000, max_images)
+
+    def resolved(self, request: Request) -> Request:
+        return dataclasses.replace(request, options=request.options.with_steps(GUIDED_STEPS))
 
 
 PIPE = ModelOf1000Steps()
@@ -99,7 +103,7 @@ def test_every_front_end_starts_from_the_declared_defaults():
     assert sample.parse_args(["--prompt", "3"]).request == Request(("3",))
     assert evaluate.parse_args([]).options == [DEFAULT_SAMPLING]
     assert serve.parse_args([]).example == Request(("0",))
-    assert serve.GenerateBody(prompt="3").to_request(PIPE) == Request(("3",))
+    assert serve.GenerateBody(prompt="3").to_request(PIPE) == Request(("3",), options=SamplingOptions(steps=GUIDED_STEPS))
     for f in dataclasses.fields(SamplingOptions):
         assert serve.GenerateBody.model_fields[f.name].default == to_json(f.default)
 
@@ -146,6 +150,7 @@ def test_the_pages_config_holds_every_field_and_the_servers_flags_set_it(checkpo
     pipe = Text2Digit.from_checkpoint(checkpoint, device="cpu")
     declared_defaults = TestClient(serve.create_app(pipe)).get("/api/config").json()["defaults"]
     expected = {spelled(f.name): to_json(f.default) for cls in (Request, SamplingOptions) for f, _ in declared(cls)}
+    expected["steps"] = GUIDED_STEPS  # left to the model by the declaration: a guided model's own
     assert declared_defaults == json.loads(json.dumps({k: v for k, v in expected.items() if k != "prompt"}))
     assert declared_defaults["guidance_interval"] == [2.0, None]  # JSON has no infinity: the open end is null
     args = serve.parse_args(["--steps", "5", "--sampler", "ddim", "--num_samples", "4"])

@@ -21,7 +21,7 @@ import yaml
 
 from data.captions import VOCABULARIES
 from data.shapes import IMAGE_SIZE
-from ddpm import DEFAULT_SAMPLING, TIMESTEP_SAMPLINGS, DiffusionConfig, SamplingOptions
+from ddpm import DEFAULT_SAMPLING, GUIDED_STEPS, TIMESTEP_SAMPLINGS, DiffusionConfig, SamplingOptions
 from ddpm.options import refused_as
 from models.checkpoint import DEFAULT_OUTPUT_DIR, config_section
 from models.unet import UNetConfig
@@ -39,10 +39,12 @@ NON_NEGATIVE_KEYS = """min_snr_gamma train_subset weight_decay warmup_steps grad
     global_batch_size checkpoint_every_steps keep_last max_bad_steps""".split()
 
 
-def sampling_key(name: str) -> Any:
+def sampling_key(name: str, default: Any = None) -> Any:
     """A key that is the SamplingOptions field ``name`` under a flat name of its own: its default comes from
-    the declaration, and so do its choices and checks (through :meth:`TrainConfig.sampling_options`)."""
-    return field(default=getattr(DEFAULT_SAMPLING, name), metadata={"sampling": name})
+    the declaration (``default`` where that leaves it to the model), and so do its choices and checks
+    (through :meth:`TrainConfig.sampling_options`)."""
+    declared = getattr(DEFAULT_SAMPLING, name)
+    return field(default=default if declared is None else declared, metadata={"sampling": name})
 
 
 @dataclass
@@ -87,7 +89,7 @@ class TrainConfig:
     samples_per_digit: int = 8
     # how those grids and evaluations sample: SamplingOptions fields (ddpm/generation.py) under flat names
     sampler: str = sampling_key("sampler")
-    sample_steps: int = sampling_key("steps")
+    sample_steps: int = sampling_key("steps", GUIDED_STEPS)  # training samples the guided model it trains
     guidance_scale: float = sampling_key("guidance_scale")
     eval_every: int = 0  # epochs between judge evaluations (0 = never); see evaluation/
     eval_samples: int = 30  # images per digit in each such evaluation

@@ -44,7 +44,7 @@ from ddpm.distillation import (
 )
 from ddpm.options import check, option, to_json
 from ddpm.samplers import sample_dpmpp_2m
-from models.checkpoint import PRETRAINED_DIR, ROOT, save_checkpoint, step_checkpoint_path
+from models.checkpoint import PRETRAINED_DIR, ROOT, TEACHER, save_checkpoint, step_checkpoint_path
 from models.ema import EMA
 from models.loading import TrainedModel
 from models.text_encoder import check_compatible
@@ -64,7 +64,7 @@ RESUMABLE_CHANGES = ("train_steps", "checkpoint_every", "output_dir")  # setting
 class DistillConfig:
     """Every knob of distill.py, declared once (its flags are made from these fields)."""
 
-    teacher: Path = option(PRETRAINED_DIR / "mnist.pt", help="the guided model to distil")
+    teacher: Path = option(TEACHER, help="the guided model to distil")
     init: Path = option(
         PRETRAINED_DIR / "cpu.pt",
         help="the checkpoint whose layout and weights the student starts from: a smaller model of the same data",
