@@ -128,7 +128,7 @@ def print_table(name: str, rows: list[dict]) -> None:
     for row in rows:
         u, g = row["unguided"], row["guided"]
         print(
-            f"| {row['epoch']} | {row['minutes']:.0f} | {u['accuracy']:.1%} | {u['fmd_ratio']:.2f} | "
+            f"| {row['epoch']} | {row['minutes']:.1f} | {u['accuracy']:.1%} | {u['fmd_ratio']:.2f} | "
             f"{u['thickness_ratio']:.2f} | {u['width_ratio']:.2f} | {g['accuracy']:.1%} | {g['fmd_ratio']:.2f} | "
             f"{g['thickness_ratio']:.2f} | {g['width_ratio']:.2f} | {g['speck_rate']:.1%} |"
         )

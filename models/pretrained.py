@@ -3,11 +3,11 @@
 ``models/pretrained/NAME.pt`` holds the EMA weights of a model trained by recipe NAME (``RECIPES``) in
 float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
 writer); ``NAME.json`` beside it says how it was made: the command, the commit, the config, its sha256
-and what evaluate.py scored. ``mnist`` (the seed's recipe) is the model the commands load when none is
-named (``models.checkpoint.SHIPPED``); ``fast`` is it distilled into a few-step student (distill.py);
-``guide`` guides it on request (autoguidance: the epoch-1
-checkpoint of the quick-start recipe as it was before it drew log-normal noise levels); ``cpu`` is the
-README's quick start, the record of what ``make demo`` reproduces.
+and what evaluate.py scored. ``fast`` is the model the commands load when none is named
+(``models.checkpoint.SHIPPED``): ``mnist``, the teacher (``models.checkpoint.TEACHER``, configs/teacher.yaml),
+distilled into a few-step student (distill.py); ``guide`` guides the teacher on request (autoguidance: the
+epoch-1 checkpoint of the quick-start recipe as it was before it drew log-normal noise levels); ``cpu`` is
+the README's quick start, the record of what ``make demo`` reproduces.
 
     python -m models.pretrained --name cpu --checkpoint outputs/cpu/checkpoints/checkpoint_epoch_0002.pt \\
         --evaluation outputs/cpu/checkpoints/checkpoint_epoch_0002_eval_..._seed0.json
@@ -32,10 +32,10 @@ from runtime.files import atomic_write
 from runtime.flags import CliParser
 
 RECIPES = {
-    "mnist": "python train.py --config configs/mnist.yaml",  # the seed's recipe: the model the commands load
+    "mnist": "python train.py --config configs/teacher.yaml",  # the teacher the shipped student is distilled from
     "cpu": "python train.py --config configs/cpu.yaml",  # the README's quick start (make demo)
-    # the shipped model distilled into a cpu.pt-sized student that samples in 1, 2 or 4 steps, guided away from
-    # negative prompts too (distill.py's defaults: docs/distillation.md)
+    # the teacher distilled into a cpu.pt-sized student that samples in 1, 2 or 4 steps, guided away from
+    # negative prompts too (distill.py's defaults: docs/distillation.md): the model the commands load
     "fast": "python distill.py",
     # a bad version of the same data, small and briefly trained, for autoguidance (Karras et al. 2024)
     "guide": (

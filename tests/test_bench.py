@@ -112,3 +112,17 @@ def test_serve_benchmark_times_the_page_and_the_fast_model_as_you_type():
         "as you type: the fast model, 2 steps",
     ]
     assert re.search(r"keystroke to a sketched grid, p50: \d+\.\d{3} s \(10 ms pause.*; 37 keystrokes", table), table
+
+
+def test_time_to_quality_scores_every_epoch_of_a_run_guided_and_unguided_once(tiny_run):
+    stdout = run("bench.time_to_quality", "--run", tiny_run, "--eval_samples", 1, "--precision", "fp32")
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(row[0]) for row in rows] == [1, 2]
+    seconds = [json.loads(line)["epoch_seconds"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()
+               if "epoch_seconds" in line]  # fmt: skip
+    assert [row[1].strip() for row in rows] == [f"{sum(seconds[:1]) / 60:.1f}", f"{sum(seconds) / 60:.1f}"]
+    cached = json.loads((tiny_run / "checkpoints" / "checkpoint_epoch_0002_ttq1_fp32.json").read_text())
+    assert set(cached) == {"guided", "unguided"} and all(scores["samples"] == 10 for scores in cached.values())
+    assert rows[1][2].strip() == f"{cached['unguided']['accuracy']:.1%}"  # the unguided column is guidance 1's
+    assert rows[1][6].strip() == f"{cached['guided']['accuracy']:.1%}"
+    assert run("bench.time_to_quality", "--run", tiny_run, "--eval_samples", 1, "--precision", "fp32") == stdout
