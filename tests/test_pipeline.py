@@ -66,8 +66,14 @@ def test_the_shipped_guide_guides_the_teacher():
 def test_same_seed_same_digits_and_a_callback_per_step(pipe):
     """The shipped student at its default steps, 4, and the same for its teacher at 6 steps."""
     for model, options in ((pipe, {}), (Text2Digit.from_checkpoint(TEACHER), {"steps": 6})):
-        steps = []
-        a = model("3", num_samples=4, seed=1, callback=lambda i, t, x_t, x0: steps.append((i, t, x0.shape)), **options)
+        steps: list[tuple] = []
+        a = model(
+            "3",
+            num_samples=4,
+            seed=1,
+            callback=lambda i, t, x_t, x0, seen=steps: seen.append((i, t, x0.shape)),
+            **options,
+        )
         b = model("3", num_samples=4, seed=1, **options)
         assert np.array_equal(a, b) and not np.array_equal(a, model("3", num_samples=4, seed=2, **options))
         assert [(i, shape) for i, _, shape in steps] == [(i, (4, 28, 28)) for i in range(options.get("steps", 4))]

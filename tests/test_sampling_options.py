@@ -103,7 +103,9 @@ def test_every_front_end_starts_from_the_declared_defaults():
     assert sample.parse_args(["--prompt", "3"]).request == Request(("3",))
     assert evaluate.parse_args([]).options == [DEFAULT_SAMPLING]
     assert serve.parse_args([]).example == Request(("0",))
-    assert serve.GenerateBody(prompt="3").to_request(PIPE) == Request(("3",), options=SamplingOptions(steps=GUIDED_STEPS))
+    assert serve.GenerateBody(prompt="3").to_request(PIPE) == Request(
+        ("3",), options=SamplingOptions(steps=GUIDED_STEPS)
+    )
     for f in dataclasses.fields(SamplingOptions):
         assert serve.GenerateBody.model_fields[f.name].default == to_json(f.default)
 
