@@ -4,7 +4,7 @@
 float16, with the rest of what sampling reads of a checkpoint (written by models/checkpoint.py's
 writer); ``NAME.json`` beside it says how it was made: the command, the commit, the config, its sha256
 and what evaluate.py scored. ``fast`` is the model the commands load when none is named
-(``models.checkpoint.SHIPPED``): ``mnist``, the teacher (``models.checkpoint.TEACHER``, configs/teacher.yaml),
+(``models.checkpoint.SHIPPED``): ``mnist``, the teacher (``models.checkpoint.TEACHER``, configs/mnist.yaml),
 distilled into a few-step student (distill.py); ``guide`` guides the teacher on request (autoguidance: the
 epoch-1 checkpoint of the quick-start recipe as it was before it drew log-normal noise levels); ``cpu`` is
 the README's quick start, the record of what ``make demo`` reproduces.
@@ -32,7 +32,7 @@ from runtime.files import atomic_write
 from runtime.flags import CliParser
 
 RECIPES = {
-    "mnist": "python train.py --config configs/teacher.yaml",  # the teacher the shipped student is distilled from
+    "mnist": "python train.py --config configs/mnist.yaml",  # the teacher the shipped student is distilled from
     "cpu": "python train.py --config configs/cpu.yaml",  # the README's quick start (make demo)
     # the teacher distilled into a cpu.pt-sized student that samples in 1, 2 or 4 steps, guided away from
     # negative prompts too (distill.py's defaults: docs/distillation.md): the model the commands load
