@@ -10,8 +10,8 @@ Without ``--run`` it trains ``--config`` (train.py's flags after ``--``) into a 
 epoch's checkpoint unless --keep_last says otherwise). Each epoch's checkpoint samples ``--eval_samples``
 images per digit from the training wordings, from the same seeds at every epoch, twice: guided (guidance
 6 above sigma 2, 20 steps of the default sampler) and at guidance scale 1 (unguided: the conditional
-network alone). A checkpoint's
-scores are kept beside it (``..._ttq<N>.json``), so a run is scored once however often it is plotted.
+network alone). A checkpoint's scores are kept beside it (``..._ttq<N>.json``), so a run is scored once
+however often it is plotted.
 
 "train min" is the cumulative training time of metrics.jsonl's epochs (sampling grids and evaluations
 excluded). FMD ratio is FMD over the real-vs-real floor of the same size (1.0 is perfect); thickness and
